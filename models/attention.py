@@ -1,0 +1,105 @@
+"""Causal self-attention: one code path for MHA, GQA and MQA, with an optional KV cache.
+
+Query heads are grouped as [K, G] against K kv heads, so K/V are never repeated per query head
+(neither in training nor in the cached decode path). The attention kernel is chosen by
+`ModelConfig.attention_impl`: `ATTENTION_FNS` is the seam where fused kernels plug in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.rope import apply_rope, rope_inverse_frequencies
+from models.sharding import constrain, param_with_axes
+
+
+def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_lengths: jax.Array | None,
+                   sliding_window: int) -> jax.Array:
+    """Which keys each query may see: [B, T, S] bool.
+
+    q_positions: [B, T]; kv_positions: [B, S]; kv_lengths: [B] valid slots per row (None: all).
+    Causal (key position <= query position), optionally within the last `sliding_window` positions.
+    """
+    q = q_positions[:, :, None]
+    kv = kv_positions[:, None, :]
+    mask = kv <= q
+    if sliding_window:
+        mask &= kv > q - sliding_window
+    if kv_lengths is not None:
+        mask &= kv < kv_lengths[:, None, None]
+    return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention in plain jnp, fp32 logits and softmax.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] bool -> [B, T, N, H].
+    Masked logits are -inf; every query sees at least itself, so no row is fully masked.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h ** -0.5)
+    logits = jnp.where(mask[:, None, None, :, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention}
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x: [B, T, D], positions: [B, T] -> ([B, T, D], updated cache).
+
+        Without a cache the T tokens attend causally among themselves (training, scoring).
+        With a cache they are appended at each row's length and attend to everything cached.
+        """
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        init = nn.initializers.normal(cfg.init_std)
+
+        def project(name: str, heads: int, axis: str) -> jax.Array:
+            w = self.param(name, param_with_axes(init, ("embed", axis, "head_dim")), (d, heads, h), pdtype)
+            y = jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
+            if cfg.qkv_bias:
+                bias = self.param(name + "_bias", param_with_axes(nn.initializers.zeros, (axis, "head_dim")),
+                                  (heads, h), pdtype)
+                y = y + bias.astype(dtype)
+            return y
+
+        q = project("wq", n, "heads")
+        k_new = project("wk", k, "kv_heads")
+        v_new = project("wv", k, "kv_heads")
+        if cfg.position == "rope":
+            inv_freq = rope_inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor)
+            q = apply_rope(q, positions, inv_freq)
+            k_new = apply_rope(k_new, positions, inv_freq)
+        q = constrain(q, ("batch", "length", "act_heads", None))
+
+        if cache is None:
+            keys, values, kv_positions, kv_lengths = k_new, v_new, positions, None
+        else:
+            cache = cache.append(k_new, v_new)
+            keys, values, kv_lengths = cache.k.astype(dtype), cache.v.astype(dtype), cache.lengths
+            kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                                            (x.shape[0], cache.max_len))
+        mask = attention_mask(positions, kv_positions, kv_lengths, cfg.sliding_window)
+        out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, mask)
+
+        wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
+        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), cache

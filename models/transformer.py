@@ -1,0 +1,104 @@
+"""The decoder-only LM: embed -> pre-norm blocks -> final norm -> LM head.
+
+One forward path serves training, prefill and decode:
+    logits, cache, aux = Transformer(cfg).apply({"params": params}, tokens, positions, cache)
+`aux` is a dict of auxiliary outputs (losses and statistics from layers such as MoE); the trainer
+adds every `aux["losses"]` entry to the objective and logs `aux["stats"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.attention import Attention
+from models.config import ModelConfig
+from models.embeddings import Embed, LearnedPositions, sinusoidal_positions
+from models.kv_cache import KVCache
+from models.mlp import MLP
+from models.norms import make_norm
+from models.sharding import constrain, param_with_axes
+
+Aux = dict[str, Any]
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        """x: [B, T, D] -> [B, T, D]; pre-norm residual attention then MLP."""
+        cfg = self.cfg
+        pdtype = jnp.dtype(cfg.param_dtype)
+        h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "attn_norm")(x)
+        h, cache = Attention(cfg, name="attn")(h, positions, cache)
+        x = x + h
+        h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "mlp_norm")(x)
+        x = x + MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.init_std, jnp.dtype(cfg.dtype), pdtype,
+                    name="mlp")(h)
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: tuple[KVCache, ...] | None = None,
+                 input_embeddings: jax.Array | None = None) -> tuple[jax.Array, Any, Aux]:
+        """tokens: [B, T] int -> (logits [B, T, V] fp32, updated caches or None, aux).
+
+        input_embeddings: [B, T, D] used instead of looking up `tokens` (gradient probes, soft prompts).
+
+        positions: [B, T]; default arange(T) without a cache. With a cache, positions are always
+        each row's cached length + arange(T), because a position is also its cache slot.
+        """
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        t = tokens.shape[1]
+        if cache is not None:
+            positions = cache[0].lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+
+        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, pdtype, name="embed")
+        x = embed(tokens) if input_embeddings is None else input_embeddings.astype(dtype)
+        if cfg.position == "learned":
+            x = x + LearnedPositions(cfg.max_seq_len, cfg.d_model, cfg.init_std, pdtype,
+                                     name="pos_embed")(positions).astype(dtype)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, cfg.d_model).astype(dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+
+        block_cls = nn.remat(Block) if cfg.remat else Block
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x, layer_cache = block_cls(cfg, name=f"block_{i}")(x, positions,
+                                                               None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+
+        x = make_norm(cfg.norm, cfg.norm_eps, pdtype, "final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            w = self.param("lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                           (cfg.d_model, cfg.vocab_size), pdtype)
+            logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        aux: Aux = {"losses": {}, "stats": {}}
+        return logits, (tuple(new_cache) if cache is not None else None), aux
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+    """Parameters boxed with logical axis names (`nn.LogicallyPartitioned` leaves)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return Transformer(cfg).init(rng, tokens)["params"]
+
+
+def unbox(tree: Any) -> Any:
+    """Strips logical-axis boxes, leaving plain arrays."""
+    return nn.meta.unbox(tree)

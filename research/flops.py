@@ -1,0 +1,46 @@
+"""Model FLOPs per token and the machine's measured matmul peak, for MFU."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: all but the lookup tables and norms, plus the LM head."""
+    weights = cfg.param_count(include_embeddings=False)
+    norms = (2 * cfg.num_layers + 1) * cfg.d_model * (1 if cfg.norm == "rmsnorm" else 2)
+    return weights - norms + cfg.vocab_size * cfg.d_model
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """PaLM's count (Chowdhery et al. 2022, App. B): 6 N + 12 L N_heads H T for forward + backward."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    return 6.0 * matmul_params(cfg) + attention
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return train_flops_per_token(cfg, seq_len) / 3.0
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 1024, chain: int = 8, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of a jitted chain of n x n matmuls on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype)) / n ** 0.5
+
+    @jax.jit
+    def run(x: jax.Array) -> jax.Array:
+        for _ in range(chain):
+            x = x @ a
+        return x
+
+    run(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 * chain / best

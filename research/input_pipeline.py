@@ -1,0 +1,47 @@
+"""From a data config to a tokenizer and packed train/validation datasets (tokenized once, cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from research.config import DataConfig
+from research.data import PackedDataset, load_text, pack_documents, split_documents, train_val_split
+from research.tokenizer import Tokenizer, train_tokenizer
+
+
+def _encode_cached(tokenizer: Tokenizer, docs: list[str], cache: Path) -> np.ndarray:
+    """The packed token stream of docs, read from / written to an .npy cache file."""
+    if cache.exists():
+        return np.load(cache)
+    stream = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, stream)
+    os.replace(tmp, cache)
+    return stream
+
+
+def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
+    """Loads the text, trains (or reuses) the tokenizer on the training split, and packs both splits.
+
+    The validation split is document-level and fixed by `seed`; the tokenizer never sees it.
+    """
+    text = load_text(cfg.source, cfg.cache_dir)
+    if cfg.max_bytes:
+        text = text.encode("utf-8")[:cfg.max_bytes].decode("utf-8", errors="ignore")
+    train_docs, val_docs = train_val_split(split_documents(text), cfg.val_fraction, seed)
+    train_text = "\n\n".join(train_docs)
+    tokenizer = train_tokenizer(cfg.tokenizer, train_text, vocab_size, cfg.cache_dir)
+
+    key = hashlib.sha256(f"{cfg.tokenizer}|{vocab_size}|{cfg.val_fraction}|{seed}|".encode()
+                         + text.encode("utf-8")).hexdigest()[:16]
+    cache = Path(cfg.cache_dir) / "tokens"
+    train_stream = _encode_cached(tokenizer, train_docs, cache / f"{key}-train.npy")
+    val_stream = _encode_cached(tokenizer, val_docs, cache / f"{key}-val.npy")
+    train = PackedDataset(train_stream, cfg.seq_len, cfg.batch_size, seed)
+    val = PackedDataset(val_stream, cfg.seq_len, cfg.batch_size, seed)
+    return tokenizer, train, val

@@ -1,0 +1,214 @@
+"""Train a language model from a named config.
+
+    python -m research.train --config tiny [--set model.d_model=256 ...] [--out DIR] [--resume]
+
+Writes to DIR: run.json (resolved config, git commit, versions, seed, devices), metrics.jsonl (one
+record per step, plus eval records), checkpoints/ (orbax), tokenizer/, and summary.json at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from configs import get_config
+from decoding.generate import check_prompt, generate
+from models.config import ConfigError
+from research.checkpoint import Checkpointer
+from research.config import TrainConfig, apply_overrides, to_dict
+from research.flops import measure_matmul_peak, train_flops_per_token
+from research.input_pipeline import build_datasets
+from research.mesh import make_mesh, maybe_initialize_distributed, put_batch
+from research.metrics import perplexity
+from research.run_record import run_record, write_json_atomic
+from research.train_step import Steps, TrainState, build_steps
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    # stop_after only says where to pause, so a resumed run may change it.
+    return {k: v for k, v in cfg_dict.items() if k != "stop_after"}
+
+
+class MetricsLog:
+    """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        elif path.exists():
+            path.unlink()
+        self._file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def evaluate(steps: Steps, state: TrainState, dataset, max_batches: int) -> dict[str, float]:
+    total, count = 0.0, 0.0
+    for batch in dataset.eval_batches(max_batches):
+        nll, n = steps.eval(state.params, put_batch(batch, steps.batch_sharding))
+        total, count = total + float(nll), count + float(n)
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": float(perplexity(loss))}
+
+
+def sample_text(cfg: TrainConfig, params: Any, tokenizer) -> str:
+    prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.bos_id]
+    check_prompt(cfg.model, len(prompt), cfg.sample_tokens)
+    tokens, lengths = generate(params, cfg.model, np.asarray([prompt], np.int32),
+                               np.asarray([len(prompt)], np.int32), jax.random.PRNGKey(cfg.seed),
+                               max_new_tokens=cfg.sample_tokens, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id)
+    return cfg.sample_prompt + tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]).tolist())
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the summary that is also written to summary.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "run.json"
+    if resume and record_path.exists():
+        saved = json.loads(record_path.read_text())["config"]
+        if _comparable(saved) != _comparable(to_dict(cfg)):
+            diff = sorted(k for k in set(saved) | set(to_dict(cfg))
+                          if k != "stop_after" and saved.get(k) != to_dict(cfg).get(k))
+            raise ConfigError(f"--resume: config differs from the run in {out} (in {', '.join(diff)})")
+
+    tokenizer, train_data, val_data = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
+    tokenizer.save(out / "tokenizer")
+    mesh = make_mesh(cfg.mesh)
+    steps = build_steps(cfg, mesh)
+    ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
+
+    start_step = ckpt.latest_step() if resume else None
+    state = steps.init() if start_step is None else ckpt.restore(start_step, steps.abstract_state)
+    if start_step is None:
+        ckpt_steps = ckpt.all_steps()
+        if ckpt_steps:
+            raise ConfigError(f"--out {out} already holds checkpoints {ckpt_steps}: pass --resume or pick a new --out")
+    peak = measure_matmul_peak(cfg.model.dtype)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    write_json_atomic(record_path, run_record(
+        to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
+        param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),
+        val_tokens=int(val_data.tokens.size)))
+    log = MetricsLog(out / "metrics.jsonl", start_step)
+
+    first = int(state.step)
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_good = start_step
+    timer_step, timer = first, time.perf_counter()
+    throughput: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=first, disable=not progress or None, desc=cfg.name, file=sys.stderr)
+
+    def flush(step: int) -> None:
+        """Fetches pending metrics, checks they are finite, logs them with throughput and MFU."""
+        nonlocal pending, timer_step, timer, throughput
+        for s, metrics in jax.device_get(pending):
+            rec = {"step": s, **{k: float(v) for k, v in metrics.items()}}
+            if not all(math.isfinite(v) for v in rec.values()):
+                where = f"step {last_good} in {ckpt.directory}" if last_good is not None else "none saved yet"
+                raise NonFiniteLossError(f"non-finite loss {rec['loss']} at step {s}; last good checkpoint: {where}")
+            log.write(rec)
+        pending = []
+        elapsed = time.perf_counter() - timer
+        if step > timer_step and step > first + 1:  # the first interval holds compilation
+            tok_s = (step - timer_step) * tokens_per_step / elapsed
+            throughput = {"tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak}
+            log.write({"step": step, **throughput})
+        log.flush()
+        timer_step, timer = step, time.perf_counter()
+
+    try:
+        for step in range(first, last):
+            state, metrics = steps.train(state, put_batch(train_data.batch(step), steps.batch_sharding))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            if done == first + 1 or done % cfg.log_every == 0 or done == last:
+                flush(done)
+                loss = float(jax.device_get(metrics["loss"]))
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{throughput.get('tokens_per_s', 0):,.0f}",
+                                mfu=f"{100 * throughput.get('mfu', 0):.1f}%")
+            if done % cfg.eval_every == 0 or done == last:
+                flush(done)
+                ev = evaluate(steps, state, val_data, cfg.eval_batches)
+                log.write({"step": done, **ev})
+                bar.write(f"step {done}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last:
+                flush(done)  # only finite states are saved
+                ckpt.save(done, state)
+                last_good = done
+            bar.update(1)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        log.close()
+
+    summary: dict[str, Any] = {"step": int(state.step), **throughput, **evaluate(steps, state, val_data,
+                                                                                  cfg.eval_batches)}
+    if cfg.sample_tokens:
+        summary["sample"] = sample_text(cfg, state.params, tokenizer)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="research.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="tiny", help="preset name (see configs/presets.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable, e.g. --set model.d_model=256")
+    parser.add_argument("--out", default=None, help="run directory (default runs/<config>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def resolve_config(name: str, overrides: list[str]) -> TrainConfig:
+    return apply_overrides(get_config(name), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.overrides)
+        maybe_initialize_distributed()
+        summary = train(cfg, args.out or f"runs/{cfg.name}", args.resume, progress=not args.no_progress)
+    except (ConfigError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"final: val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
+          f"tokens/s {summary.get('tokens_per_s', 0):,.0f}  MFU {100 * summary.get('mfu', 0):.1f}%")
+    if "sample" in summary:
+        print(f"sample: {summary['sample']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The train state, the optimizer, and the jitted (sharded) train and eval steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.sharding import DEFAULT_RULES, Rules, logical_shardings
+from models.transformer import Transformer
+from research.config import OptimConfig, TrainConfig
+from research.mesh import batch_sharding
+from research.metrics import cross_entropy
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base PRNG key (raw uint32, checkpointable); step keys are fold_in(rng, step)
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (decoupled decay on matrices only, not on norm scales or biases) after global-norm clipping."""
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """Everything the training loop calls, jitted with explicit shardings over one mesh."""
+
+    init: Callable[[], TrainState]
+    train: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+    eval: Callable[[Any, jax.Array], jax.Array]  # (params, batch) -> summed nll, token count
+    abstract_state: Any  # ShapeDtypeStructs with shardings: the target of a checkpoint restore
+    state_sharding: Any
+    batch_sharding: NamedSharding
+    mesh: Mesh
+
+
+def lm_loss(model: Transformer, params: Any, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux))."""
+    logits, _, aux = model.apply({"params": params}, batch[:, :-1])
+    nll = jnp.mean(cross_entropy(logits, batch[:, 1:]))
+    total = nll + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+    return total, (nll, aux)
+
+
+def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Steps:
+    model = Transformer(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    schedule = lr_schedule(cfg.optim, cfg.steps)
+    batch_shape = (cfg.data.batch_size, cfg.data.seq_len + 1)
+
+    def init_boxed() -> TrainState:
+        rng = jax.random.PRNGKey(cfg.seed)
+        params = model.init(jax.random.fold_in(rng, 0), jnp.zeros((1, cfg.data.seq_len), jnp.int32))["params"]
+        # The optimizer state inherits the parameters' logical-axis boxes, so it is sharded like them.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    boxed = jax.eval_shape(init_boxed)
+    state_sharding = logical_shardings(boxed, mesh, rules)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  nn.meta.unbox(boxed), state_sharding)
+    data_sharding = batch_sharding(mesh, batch_shape)
+    replicated = NamedSharding(mesh, P())
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        grad_fn = jax.value_and_grad(lambda p: lm_loss(model, p, batch), has_aux=True)
+        (total, (nll, aux)), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": nll, "total_loss": total, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step), **aux["losses"], **aux["stats"]}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(params: Any, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits, _, _ = model.apply({"params": params}, batch[:, :-1])
+        nll = cross_entropy(logits, batch[:, 1:])
+        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+    def in_mesh(fn: Callable) -> Callable:
+        # Activation constraints (nn.with_logical_constraint) read the mesh and rules at trace time.
+        def wrapped(*args):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn(*args)
+        return wrapped
+
+    init = in_mesh(jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_sharding))
+    train = in_mesh(jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
+                            out_shardings=(state_sharding, replicated), donate_argnums=(0,)))
+    evaluate = in_mesh(jax.jit(eval_step, in_shardings=(state_sharding.params, data_sharding),
+                               out_shardings=replicated))
+    return Steps(init=init, train=train, eval=evaluate, abstract_state=abstract_state,
+                 state_sharding=state_sharding, batch_sharding=data_sharding, mesh=mesh)

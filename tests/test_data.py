@@ -1,0 +1,126 @@
+"""Loading, splitting, packing and the stateless, resumable batch order."""
+
+import numpy as np
+import pytest
+
+from research import corpus, data
+
+
+def test_load_text_embedded(tmp_path):
+    text = data.load_text("embedded", tmp_path)
+    assert text == corpus.embedded_corpus_path(tmp_path).read_text(encoding="utf-8")
+    assert text.startswith(corpus.generate_corpus(num_bytes=1_000))
+
+
+def test_load_text_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("Zoë ate.\n\nJosé slept.", encoding="utf-8")
+    assert data.load_text(str(path), tmp_path / "cache") == "Zoë ate.\n\nJosé slept."
+
+
+def test_load_text_directory_sorted_and_filtered(tmp_path):
+    root = tmp_path / "docs"
+    (root / "b").mkdir(parents=True)
+    (root / "b" / "z.md").write_text("second", encoding="utf-8")
+    (root / "c.py").write_text("third", encoding="utf-8")
+    (root / "a.txt").write_text("first", encoding="utf-8")
+    (root / "skip.bin").write_bytes(b"\x00\x01")
+    assert data.load_text(str(root), tmp_path / "cache") == "first\n\nsecond\n\nthird"
+
+
+@pytest.mark.parametrize("source", ["foo", "", "/no/such/path.txt"])
+def test_load_text_bad_source(tmp_path, source):
+    with pytest.raises(ValueError, match=r"data.source=.*not 'embedded', an existing file"):
+        data.load_text(source, tmp_path)
+
+
+def test_load_text_empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no text found"):
+        data.load_text(str(tmp_path / "empty"), tmp_path)
+
+
+def test_split_documents():
+    text = "\n\none\ntwo\n\n\n  \nthree\n   \n    indented\n\n"
+    assert data.split_documents(text) == ["one\ntwo", "three", "    indented"]
+
+
+def test_train_val_split_deterministic_and_disjoint():
+    docs = [f"doc {i}" for i in range(100)]
+    train, val = data.train_val_split(docs, 0.1, seed=0)
+    assert (train, val) == data.train_val_split(docs, 0.1, seed=0)
+    assert (train, val) != data.train_val_split(docs, 0.1, seed=1)
+    assert len(val) == 10 and len(train) == 90
+    assert sorted(train + val) == sorted(docs)
+    assert data.train_val_split(docs[:2], 0.01, seed=0)[1] != []
+    assert data.train_val_split(docs[:2], 0.99, seed=0)[0] != []
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5])
+def test_train_val_split_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        data.train_val_split(["a", "b"], fraction, seed=0)
+
+
+def test_pack_documents_appends_eos():
+    stream = data.pack_documents([[5, 6], np.array([7]), []], eos_id=0)
+    assert stream.dtype == np.int32
+    np.testing.assert_array_equal(stream, [5, 6, 0, 7, 0, 0])
+
+
+def _dataset(num_tokens=101, seq_len=4, batch_size=3, seed=0) -> data.PackedDataset:
+    return data.PackedDataset(np.arange(num_tokens), seq_len, batch_size, seed)
+
+
+def test_batch_shape_and_shift():
+    ds = _dataset()
+    assert ds.num_windows == 25
+    batch = ds.batch(7)
+    assert batch.shape == (3, 5) and batch.dtype == np.int32
+    # The stream is 0, 1, 2, ...: each window starts at a multiple of seq_len and the
+    # targets batch[:, 1:] are the inputs batch[:, :-1] shifted by one token.
+    assert np.all(batch[:, 0] % 4 == 0)
+    np.testing.assert_array_equal(batch[:, 1:], batch[:, :-1] + 1)
+
+
+def test_batch_is_pure_function_of_seed_and_step():
+    np.testing.assert_array_equal(_dataset().batch(5), _dataset().batch(5))
+    assert not np.array_equal(_dataset(seed=0).batch(0), _dataset(seed=1).batch(0))
+
+
+def test_every_window_once_per_epoch():
+    ds = _dataset(num_tokens=4 * 24 + 1, batch_size=3)  # 24 windows = 8 steps per epoch
+    for epoch in range(2):
+        starts = np.concatenate([ds.batch(s)[:, 0] for s in range(8 * epoch, 8 * epoch + 8)])
+        assert sorted(starts // 4) == list(range(24))
+    assert ds.epoch_of(7) == 0 and ds.epoch_of(8) == 1
+
+
+def test_batches_straddle_epoch_boundary():
+    ds = _dataset(num_tokens=4 * 10 + 1, batch_size=3)  # 10 windows: step 3 spans epochs 0 and 1
+    flat = np.concatenate([ds.batch(s)[:, 0] // 4 for s in range(10)])  # 3 full epochs
+    for epoch in range(3):
+        assert sorted(flat[10 * epoch:10 * (epoch + 1)]) == list(range(10))
+
+
+def test_resume_reproduces_uninterrupted_run():
+    running = _dataset(seed=3)
+    uninterrupted = [running.batch(s) for s in range(20)]
+    data._epoch_order.cache_clear()  # a restarted process starts with an empty cache
+    for step in (0, 8, 19):
+        np.testing.assert_array_equal(_dataset(seed=3).batch(step), uninterrupted[step])
+
+
+def test_eval_batches_sequential():
+    ds = _dataset()  # 25 windows of 3: 8 full batches
+    batches = list(ds.eval_batches(None))
+    assert len(batches) == 8
+    np.testing.assert_array_equal(np.concatenate(batches)[:, 0], np.arange(24) * 4)
+    assert len(list(ds.eval_batches(2))) == 2
+    np.testing.assert_array_equal(next(ds.eval_batches(1)), batches[0])
+
+
+def test_too_short_stream_raises():
+    with pytest.raises(ValueError, match=r"12 tokens.*batch_size=3 x seq_len=4 needs at least 13"):
+        _dataset(num_tokens=12)
+    _dataset(num_tokens=13)
