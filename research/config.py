@@ -159,7 +159,7 @@ def override(cfg: Any, key: str, raw: str, prefix: str = "") -> Any:
     if dataclasses.is_dataclass(kind):
         if not rest:
             raise ConfigError(f"override key {full!r} names a section: set one of its fields, e.g. {full}.<field>=...")
-        value = override(getattr(cfg, head), rest, full + ".")
+        value = override(getattr(cfg, head), rest, raw, full + ".")
     else:
         if rest:
             raise ConfigError(f"unknown override key {prefix + key!r}: {full!r} has no sub-fields")

@@ -58,6 +58,27 @@ class Steps:
     mesh: Mesh
 
 
+@dataclasses.dataclass(frozen=True)
+class _InMesh:
+    """A jitted function called (and lowered) with the mesh and logical rules in context.
+
+    Activation constraints (nn.with_logical_constraint) read both at trace time, and jax.set_mesh
+    may only be entered outside jit.
+    """
+
+    jitted: Any
+    mesh: Mesh
+    rules: Rules
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.lower(*args)
+
+
 def lm_loss(model: Transformer, params: Any, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux))."""
     logits, _, aux = model.apply({"params": params}, batch[:, :-1])
@@ -90,7 +111,7 @@ def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> S
         (total, (nll, aux)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": nll, "total_loss": total, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": nll, "total_loss": total, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), **aux["losses"], **aux["stats"]}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -99,12 +120,8 @@ def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> S
         nll = cross_entropy(logits, batch[:, 1:])
         return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
 
-    def in_mesh(fn: Callable) -> Callable:
-        # Activation constraints (nn.with_logical_constraint) read the mesh and rules at trace time.
-        def wrapped(*args):
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                return fn(*args)
-        return wrapped
+    def in_mesh(jitted: Any) -> Callable:
+        return _InMesh(jitted, mesh, rules)
 
     init = in_mesh(jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=state_sharding))
     train = in_mesh(jax.jit(train_step, in_shardings=(state_sharding, data_sharding),

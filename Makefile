@@ -1,0 +1,27 @@
+# Quick start: `make run` (set up + train the tiny preset + print a sample), `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test bench
+
+# Reinstalls only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# --resume makes a second `make run` continue (or just report) the same run instead of refusing it.
+run: setup
+	$(BIN)/python -m research.train --config tiny --out runs/tiny --resume
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Benchmarks compare against Hugging Face transformers (optional extra, PyTorch CPU).
+bench: setup
+	$(BIN)/pip install --quiet -e ".[hf]"
+	$(BIN)/python -m experiments.benchmark_train
