@@ -36,14 +36,16 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_lengths: 
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                  kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
     """Softmax attention in plain jnp, fp32 logits and softmax.
 
-    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] bool -> [B, T, N, H].
+    q: [B, T, N, H]; k, v: [B, S, K, H]; positions and lengths as in `attention_mask` -> [B, T, N, H].
     Masked logits are -inf; every query sees at least itself, so no row is fully masked.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
+    mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits * (h ** -0.5)
@@ -53,7 +55,10 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(b, t, n, h)
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window): the mask
+# is described, not materialised, so fused kernels can skip masked blocks instead of reading a mask.
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, int],
+                       jax.Array]
 ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention}
 
 
@@ -98,8 +103,8 @@ class Attention(nn.Module):
             keys, values, kv_lengths = cache.k.astype(dtype), cache.v.astype(dtype), cache.lengths
             kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                             (x.shape[0], cache.max_len))
-        mask = attention_mask(positions, kv_positions, kv_lengths, cfg.sliding_window)
-        out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, mask)
+        out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, positions, kv_positions, kv_lengths,
+                                                cfg.sliding_window)
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
         return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), cache

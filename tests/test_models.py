@@ -63,7 +63,8 @@ def test_attention_matches_naive_reference(kv_heads, window):
     if window:
         expected_mask &= pos[0][None, :] > pos[0][:, None] - window
     np.testing.assert_array_equal(np.asarray(mask[0]), expected_mask)
-    np.testing.assert_allclose(xla_attention(q, k, v, mask), reference_attention(q, k, v, mask),
+    out = xla_attention(q, k, v, jnp.asarray(pos), jnp.asarray(pos), None, window)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, mask),
                                atol=OP_TOL, rtol=OP_TOL)
 
 
