@@ -4,13 +4,15 @@
   tiny       the quick start: trains on 2 CPU cores in a few minutes and prints a sample
   bench-512  d_model 512, the CPU benchmark shape for MFU
   llama-100m ~100M parameters (Llama-style GQA), for accelerators
+  tiny-moe   tiny with 8 top-1 experts per block (Switch-style); trains on CPU in a minute or two
+  mixtral-22m Mixtral's architecture (8 experts, top-2, dropless, SwiGLU, GQA) at the CPU benchmark shape
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from models.config import ConfigError, ModelConfig
+from models.config import ConfigError, ModelConfig, MoEConfig
 from research.config import DataConfig, OptimConfig, TrainConfig
 
 
@@ -53,11 +55,41 @@ def llama_100m() -> TrainConfig:
         steps=20_000, log_every=50, eval_every=1000, eval_batches=16, checkpoint_every=1000)
 
 
+def tiny_moe() -> TrainConfig:
+    """Switch-style: top-1 of 8 experts in every block, alpha = 1e-2; the routing-collapse study's base."""
+    return TrainConfig(
+        name="tiny-moe",
+        model=ModelConfig(vocab_size=2048, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                          d_ff=256, max_seq_len=256,
+                          moe=MoEConfig(num_experts=8, top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
+                                        switch_loss_weight=1e-2)),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=128, batch_size=16),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=30),
+        steps=300, log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100)
+
+
+def mixtral_22m() -> TrainConfig:
+    """Mixtral 8x7B's layout (untied head, RoPE theta 1e6, GQA 4:1, top-2 of 8 SwiGLU experts with
+    renormalised gates, dropless) at d_model 256; sliding attention is one override away
+    (model.sliding_window=...)."""
+    return TrainConfig(
+        name="mixtral-22m",
+        model=ModelConfig(vocab_size=8000, d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, d_ff=688,
+                          max_seq_len=2048, norm_eps=1e-5, rope_theta=1e6, tie_embeddings=False,
+                          moe=MoEConfig(num_experts=8, top_k=2, renormalize=True, capacity_factor=0.0,
+                                        eval_capacity_factor=0.0, switch_loss_weight=1e-2)),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=512, batch_size=8),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
+        steps=2000, log_every=20, eval_every=250, eval_batches=8, checkpoint_every=250)
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "smoke": smoke,
     "tiny": tiny,
     "bench-512": bench_512,
     "llama-100m": llama_100m,
+    "tiny-moe": tiny_moe,
+    "mixtral-22m": mixtral_22m,
 }
 
 

@@ -1,79 +1,176 @@
-"""Jitted generation: one compiled program prefills the prompt into the KV cache, then runs a
+"""Jitted generation: one compiled program prefills the prompts into the KV cache, then runs a
 `lax.while_loop` of single-token decode steps. No Python runs per token.
 
-The loop state is a pytree (`DecodeState`); the sampler settings are static arguments.
+    out = generate(params, cfg, prompt, prompt_lengths, key, max_new_tokens=64,
+                   sampler=config, sampling=values, processors=(RepetitionPenalty(1.2),), stop_tokens=(eos,))
+
+The loop state is a pytree (`DecodeState`). What recompiles: the shapes (batch, padded prompt width,
+number of stop tokens beyond each multiple of 4), `cfg`, `max_new_tokens`, `num_samples`, `pad_id`,
+`cache_phases`, the `SamplerConfig` flags, the processors' types and static fields, `stream` and
+`stream_every`. What does not: the parameters, prompts, lengths, the
+key, the per-row sampling values, the processors' array values and the stop token ids.
+
+Command line (see decoding/cli.py):
+    python -m decoding.generate --checkpoint RUN_DIR --prompt "Once" --strategy sample --top-p 0.9
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from decoding.prefill import check_inputs, check_phases, check_prompt, is_stop, prefill, stop_array, while_in_phases
+from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
+from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
 from models.config import ModelConfig
-from models.kv_cache import KVCache, init_cache, with_lengths
+from models.kv_cache import KVCache
 from models.transformer import Transformer
+
+__all__ = ["DecodeOutput", "DecodeState", "check_prompt", "generate", "greedy_by_recompute"]
+
+# stream(tokens [R, M] int32, lengths [R] int32): the tokens so far (pad_id past each row's length),
+# called on the host every `stream_every` steps and after the last, in order.
+StreamFn = Callable[[np.ndarray, np.ndarray], None]
 
 
 @flax.struct.dataclass
 class DecodeState:
-    step: jax.Array  # [] int32: tokens generated so far
-    cache: tuple[KVCache, ...]
-    logits: jax.Array  # [B, V] fp32: next-token logits
-    tokens: jax.Array  # [B, M] int32: generated tokens (pad_id after a row stops)
-    done: jax.Array  # [B] bool
-    rng: jax.Array
+    step: jax.Array  # [] int32: tokens chosen so far
+    cache: tuple[KVCache, ...]  # R rows
+    logits: jax.Array  # [R, V] fp32: the model's next-token logits
+    tokens: jax.Array  # [R, M] int32: chosen tokens, pad_id after a row stops
+    logprobs: jax.Array  # [R, M] fp32: their log-probabilities, 0 after a row stops
+    lengths: jax.Array  # [R] int32: tokens generated, the stop token included
+    done: jax.Array  # [R] bool
+    processor_states: tuple[Any, ...]  # one per processor, leaves [R, ...]
 
 
-def check_prompt(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-    """A prompt plus its continuation must fit the model's context."""
-    if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds "
-                         f"model.max_seq_len={cfg.max_seq_len}")
+@flax.struct.dataclass
+class DecodeOutput:
+    """N outputs per prompt: samples (sorted as drawn) or beam hypotheses (best first)."""
+
+    tokens: jax.Array  # [B, N, M] int32, pad_id after the stop token
+    logprobs: jax.Array  # [B, N, M] fp32, per token, under the processed distribution; 0 after the stop
+    lengths: jax.Array  # [B, N] int32, the stop token included
+    scores: jax.Array  # [B, N] fp32: summed log-probs (sampling) or length-normalised scores (beams)
 
 
-def next_token(logits: jax.Array, rng: jax.Array, temperature: float) -> jax.Array:
-    """logits [B, V] -> [B] int32: argmax when temperature == 0, else a sample of softmax(logits / T)."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rng: jax.Array | None = None, *,
+             max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(), sampling: SamplingParams | None = None,
+             processors: Sequence[LogitsProcessor] = (), stop_tokens: Sequence[int] = (), pad_id: int = 0,
+             num_samples: int = 1, stream: StreamFn | None = None, stream_every: int = 8,
+             cache_phases: int = 1) -> DecodeOutput:
+    """Continues right-padded prompts [B, P] (row b valid up to prompt_lengths[b]) greedily or by sampling.
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id", "pad_id"))
-def generate(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
-             *, max_new_tokens: int, temperature: float = 0.0, eos_id: int = -1,
-             pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Continues right-padded prompts.
-
-    prompt: [B, P] int32 (row b valid up to prompt_lengths[b]); returns (tokens [B, M], lengths [B]),
-    where a row's length counts its tokens up to and including EOS.
+    Each prompt gets `num_samples` rows; a row stops after a token in `stop_tokens` or `max_new_tokens`.
+    `sampling` (from `make_sampler`) is required when `sampler.sample`; `rng` (a PRNG key) then makes the
+    result reproducible. `stream` receives the tokens so far on the host every `stream_every` steps: a host
+    callback from inside the loop costs ~0.3 ms on a 2-core CPU, so calling it every step would slow a
+    7M-param model by a third (experiments/benchmark_decode.py measures it). `cache_phases` > 1 trades
+    compile time for less attention work per step (see `decoding.prefill.while_in_phases`).
     """
-    model = Transformer(cfg)
-    batch, prompt_len = prompt.shape
-    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache, _ = model.apply({"params": params}, prompt, cache=cache)
-    cache = with_lengths(cache, prompt_lengths)  # slots past a row's prompt are overwritten by decoding
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    check_inputs(cfg, prompt, prompt_lengths, max_new_tokens)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
+    if not isinstance(stream_every, int) or stream_every < 1:
+        raise ValueError(f"stream_every={stream_every!r}: expected a positive integer")
+    check_phases(cache_phases, max_new_tokens)
+    if sampler.sample:
+        if sampling is None:
+            raise ValueError("sampling: required when sampler.sample is set (see decoding.sampling.make_sampler)")
+        if np.shape(sampling.temperature) != np.shape(prompt)[:1]:
+            raise ValueError(f"sampling: expected one value per prompt ({np.shape(prompt)[0]}), "
+                             f"got shape {np.shape(sampling.temperature)}")
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), rng,
+                     sampling if sampler.sample else None, tuple(processors), stop_array(stop_tokens), cfg=cfg,
+                     max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, num_samples=num_samples,
+                     stream=stream, stream_every=stream_every, cache_phases=cache_phases)
 
-    state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache, logits=last,
-                        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                        done=jnp.zeros((batch,), bool), rng=rng)
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler", "pad_id", "num_samples", "stream",
+                                             "stream_every", "cache_phases"))
+def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+              sampling: SamplingParams | None, processors: tuple[LogitsProcessor, ...], stop: jax.Array, *,
+              cfg: ModelConfig, max_new_tokens: int, sampler: SamplerConfig, pad_id: int, num_samples: int,
+              stream: StreamFn | None, stream_every: int, cache_phases: int) -> DecodeOutput:
+    batch = prompt.shape[0]
+    rows = batch * num_samples
+    model = Transformer(cfg)
+    cache, logits = prefill(params, cfg, prompt, prompt_lengths, num_samples)
+    states = init_states(processors, prompt, prompt_lengths, cfg.vocab_size)
+    states = take_rows(states, jnp.repeat(jnp.arange(batch), num_samples))
+    if sampling is not None:
+        sampling = repeat_rows(sampling, num_samples)
+
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits,
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), bool), processor_states=states)
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        rng, key = jax.random.split(s.rng)
-        token = jnp.where(s.done, pad_id, next_token(s.logits, key, temperature))
-        tokens = s.tokens.at[:, s.step].set(token)
-        done = s.done | (token == eos_id)
+        logits = apply_processors(processors, s.processor_states, s.logits, s.step)
+        token = choose_tokens(sampler, sampling, logits, jax.random.fold_in(rng, s.step))
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(s.done, pad_id, token)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        lengths = jnp.where(s.done, s.lengths, s.step + 1)
+        done = s.done | is_stop(token, stop)
+        if stream is not None:
+            last = (s.step + 1 == max_new_tokens) | jnp.all(done)
+            jax.lax.cond(((s.step + 1) % stream_every == 0) | last,
+                         lambda: jax.debug.callback(stream, tokens, lengths, ordered=True), lambda: None)
         logits, cache, _ = model.apply({"params": params}, token[:, None], cache=s.cache)
-        return DecodeState(step=s.step + 1, cache=cache, logits=logits[:, 0], tokens=tokens, done=done, rng=rng)
+        return DecodeState(
+            step=s.step + 1, cache=cache, logits=logits[:, 0], tokens=tokens,
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)),
+            lengths=lengths, done=done, processor_states=update_states(processors, s.processor_states, token))
 
-    state = jax.lax.while_loop(cond, body, state)
-    is_eos = state.tokens == eos_id
-    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, state.step)
-    return state.tokens, first_eos.astype(jnp.int32)
+    state = while_in_phases(cond, body, state, prompt.shape[1], max_new_tokens, cache_phases)
+    shape = (batch, num_samples)
+    return DecodeOutput(tokens=state.tokens.reshape(*shape, -1), logprobs=state.logprobs.reshape(*shape, -1),
+                        lengths=state.lengths.reshape(shape), scores=jnp.sum(state.logprobs, -1).reshape(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def greedy_by_recompute(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: jax.Array, *,
+                        max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The reference the cache is tested and benchmarked against: greedy decoding that reruns the model
+    over the whole sequence (a fixed [B, P + M] buffer, causal, so later slots do not matter) every step.
+
+    Returns (tokens [B, M], log-probs [B, M]); no stop tokens.
+    """
+    model = Transformer(cfg)
+    batch, width = prompt.shape
+    seq = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
+    rows = jnp.arange(batch)
+
+    def body(step: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        seq, logprobs = carry
+        logits, _, _ = model.apply({"params": params}, seq)
+        logits = logits[rows, prompt_lengths - 1 + step]
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        return seq.at[rows, prompt_lengths + step].set(token), logprobs.at[:, step].set(logprob)
+
+    seq, logprobs = jax.lax.fori_loop(0, max_new_tokens, body,
+                                      (seq, jnp.zeros((batch, max_new_tokens), jnp.float32)))
+    generated = jnp.take_along_axis(seq, prompt_lengths[:, None] + jnp.arange(max_new_tokens), axis=1)
+    return generated, logprobs
+
+
+if __name__ == "__main__":
+    import sys
+
+    from decoding.cli import main
+
+    sys.exit(main())

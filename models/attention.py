@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.kernels.decode_attention import decode_attention
+from models.kernels.flash_attention import flash_attention
 from models.kv_cache import KVCache
 from models.rope import apply_rope, rope_inverse_frequencies
 from models.sharding import constrain, param_with_axes
@@ -44,22 +46,61 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Arr
     Masked logits are -inf; every query sees at least itself, so no row is fully masked.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
     mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (h ** -0.5)
+    # Stack each group's query heads into the rows, [B, K, G*T, H]: the scores become one plain
+    # batched matmul per kv head (about 3x faster on CPU than a 5-D einsum with G as its own axis).
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
+    logits = jnp.einsum("bkqh,bskh->bkqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits = logits.reshape(b, kv_heads, g, t, s)
     logits = jnp.where(mask[:, None, None, :, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.einsum("bkqs,bskh->bkqh", probs, v)
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 # Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window): the mask
 # is described, not materialised, so fused kernels can skip masked blocks instead of reading a mask.
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, int],
                        jax.Array]
-ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention}
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                     kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """The Pallas kernels (`models/kernels/`): split-K decode for one new token over a cache, flash otherwise.
+
+    Shapes as in `xla_attention`. With a cache, slot s holds position s, as the decode kernel assumes.
+    On CPU the kernels run in interpret mode (slow: for tests).
+    """
+    if q.shape[1] == 1 and kv_lengths is not None:
+        out = decode_attention(q[:, 0], k, v, kv_lengths, q_positions[:, 0], sliding_window=sliding_window)
+        return out[:, None]
+    return flash_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window=sliding_window)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                    kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only. Shapes as in `xla_attention`.
+
+    Without a cache the keys are the queries' own tokens, and the model's positions are consecutive,
+    so cuDNN's index-causal mask (with its left window) is the position mask and nothing is
+    materialised. With a cache cuDNN's causal mask (top-left aligned) does not fit, so the mask is
+    passed explicitly.
+    """
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"attention_impl='cudnn' needs a CUDA GPU, but the default backend is "
+                           f"{jax.default_backend()!r}; use 'xla' or 'pallas'")
+    if kv_lengths is None:
+        window = (sliding_window - 1, 0) if sliding_window else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                            implementation="cudnn")
+    mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention,
+                                         "cudnn": cudnn_attention}
 
 
 class Attention(nn.Module):

@@ -9,8 +9,10 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk")
-ATTENTION_IMPLS = ("xla",)  # "pallas" and "cudnn" join with the kernel work; see models/attention.py
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see models/attention.py: ATTENTION_FNS
 DTYPES = ("float32", "bfloat16")
+ROUTERS = ("softmax", "noisy", "dense")
+PRIORITIES = ("order", "probability")
 
 
 class ConfigError(ValueError):
@@ -26,6 +28,55 @@ def check(ok: bool, field: str, value: Any, allowed: str) -> None:
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     check(value in choices, field, value, "expected one of " + ", ".join(map(str, choices)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts FFN (models/moe.py); num_experts=0 keeps the dense MLP in every block.
+
+    Routers: "softmax" top-k (Switch, GShard, Mixtral); "noisy" top-k (Shazeer et al. 2017: trainable
+    Gaussian noise on the logits in training); "dense" (every expert on every token, softmax-weighted: the
+    baseline). A capacity factor of 0 means dropless. Loss weights of 0 switch the loss off.
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    every: int = 1  # MoE in the blocks i with i % every == every - 1 (1: all, 2: every second block)
+    d_ff: int = 0  # expert hidden dim; 0: model.d_ff
+    router: str = "softmax"
+    renormalize: bool = False  # top-k gates rescaled to sum to 1 (Mixtral) rather than raw probabilities
+    zero_init_router: bool = False  # zero W_g (and W_noise): routing starts uniform (Shazeer)
+    jitter: float = 0.0  # Switch: router input times U(1 - jitter, 1 + jitter) in training
+    capacity_factor: float = 1.25  # training; 0: dropless
+    eval_capacity_factor: float = 2.0  # evaluation and decoding; 0: dropless
+    priority: str = "order"  # who keeps a full expert's slot: earlier tokens, or higher router probability
+    switch_loss_weight: float = 0.01  # alpha in alpha * E * sum_i f_i P_i
+    importance_loss_weight: float = 0.0  # Shazeer CV(importance)^2
+    load_loss_weight: float = 0.0  # Shazeer CV(smooth load)^2; needs the noisy router
+    z_loss_weight: float = 0.0  # ST-MoE: mean logsumexp(logits)^2
+    bias_update_rate: float = 0.0  # u of the auxiliary-loss-free bias (DeepSeek); 0: no bias
+
+    def __post_init__(self) -> None:
+        p = "model.moe."
+        check(isinstance(self.num_experts, int) and self.num_experts >= 0, p + "num_experts", self.num_experts,
+              "expected 0 (dense MLP) or a positive number of experts")
+        if self.num_experts:
+            check(1 <= self.top_k <= self.num_experts, p + "top_k", self.top_k,
+                  f"expected 1 <= top_k <= model.moe.num_experts={self.num_experts}")
+        check(self.every >= 1, p + "every", self.every, "expected a positive integer")
+        check(self.d_ff >= 0, p + "d_ff", self.d_ff, "expected 0 (model.d_ff) or a positive integer")
+        check_choice(p + "router", self.router, ROUTERS)
+        check_choice(p + "priority", self.priority, PRIORITIES)
+        check(not (self.renormalize and self.top_k == 1), p + "renormalize", self.renormalize,
+              "with top_k=1 every gate would be 1 and the router would get no gradient from the loss")
+        check(0 <= self.jitter < 1, p + "jitter", self.jitter, "expected 0 <= jitter < 1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            check(getattr(self, name) >= 0, p + name, getattr(self, name), "expected > 0, or 0 for dropless")
+        for name in ("switch_loss_weight", "importance_loss_weight", "load_loss_weight", "z_loss_weight",
+                     "bias_update_rate"):
+            check(getattr(self, name) >= 0, p + name, getattr(self, name), "expected >= 0 (0: off)")
+        check(self.load_loss_weight == 0 or self.router == "noisy", p + "load_loss_weight",
+              self.load_loss_weight, "the smooth load estimator needs model.moe.router='noisy'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +106,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
+    moe: MoEConfig = MoEConfig()
 
     def __post_init__(self) -> None:
         p = "model."
@@ -94,14 +146,27 @@ class ModelConfig:
         """G: query heads sharing one kv head."""
         return self.num_heads // self.num_kv_heads
 
-    def param_count(self, include_embeddings: bool = True) -> int:
-        """Exact number of parameters of `models.transformer.Transformer` for this config."""
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.num_experts > 0 and layer % self.moe.every == self.moe.every - 1
+
+    def param_count(self, include_embeddings: bool = True, active_only: bool = False) -> int:
+        """Exact number of parameters of `models.transformer.Transformer` for this config.
+
+        active_only: count only the experts a token is routed to (top_k of them; all of them with the
+        dense router), i.e. the parameters that take part in one token's forward pass.
+        """
         d, h, f = self.d_model, self.resolved_head_dim, self.d_ff
         n, k = self.num_heads, self.num_kv_heads
         norm = d if self.norm == "rmsnorm" else 2 * d
         attn = d * n * h + 2 * d * k * h + n * h * d + (n * h + 2 * k * h if self.qkv_bias else 0)
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
-        blocks = self.num_layers * (attn + mlp + 2 * norm) + norm
+        per_ffn = 3 if self.mlp == "swiglu" else 2
+        mlp = per_ffn * d * f
+        moe, e = self.moe, self.moe.num_experts
+        used = moe.top_k if active_only and moe.router != "dense" else e
+        router = d * e * (2 if moe.router == "noisy" else 1) + (e if moe.bias_update_rate > 0 else 0)
+        moe_mlp = router + used * per_ffn * d * (moe.d_ff or f)
+        ffns = sum(moe_mlp if self.is_moe_layer(i) else mlp for i in range(self.num_layers))
+        blocks = self.num_layers * (attn + 2 * norm) + ffns + norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.position == "learned":
             embed += self.max_seq_len * d

@@ -19,8 +19,10 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Logical name -> mesh axis (or tuple of axes, or None for replicated).
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: Rules = (
-    # activations
-    ("batch", ("data", "fsdp")),
+    # activations; outside the MoE layers the expert axis is one more data-parallel axis
+    ("batch", ("data", "fsdp", "expert")),
+    ("act_expert", "expert"),  # MoE expert buffers [E, B, C, D]: tokens move to their expert's devices
+    ("act_group", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),

@@ -3,7 +3,9 @@
 One forward path serves training, prefill and decode:
     logits, cache, aux = Transformer(cfg).apply({"params": params}, tokens, positions, cache)
 `aux` is a dict of auxiliary outputs (losses and statistics from layers such as MoE); the trainer
-adds every `aux["losses"]` entry to the objective and logs `aux["stats"]`.
+adds every `aux["losses"]` entry to the objective and logs `aux["stats"]`. In training
+(`train=True`, with `rngs={"router": key}` for noisy routing) MoE layers with the auxiliary-loss-free
+bias also return `aux["router_bias"]`, the per-block biases for the next step (`with_router_biases`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from models.config import ModelConfig
 from models.embeddings import Embed, LearnedPositions, sinusoidal_positions
 from models.kv_cache import KVCache
 from models.mlp import MLP
+from models.moe import MoE
 from models.norms import make_norm
 from models.sharding import constrain, param_with_axes
 
@@ -27,20 +30,26 @@ Aux = dict[str, Any]
 
 class Block(nn.Module):
     cfg: ModelConfig
+    moe: bool = False  # a mixture-of-experts FFN instead of the dense MLP
+    train: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
-        """x: [B, T, D] -> [B, T, D]; pre-norm residual attention then MLP."""
+                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None, Aux]:
+        """x: [B, T, D] -> ([B, T, D], cache, aux); pre-norm residual attention then MLP (or MoE)."""
         cfg = self.cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "attn_norm")(x)
         h, cache = Attention(cfg, name="attn")(h, positions, cache)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "mlp_norm")(x)
-        x = x + MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.init_std, jnp.dtype(cfg.dtype), pdtype,
-                    name="mlp")(h)
-        return constrain(x, ("batch", "length", "act_embed")), cache
+        if self.moe:
+            h, aux = MoE(cfg, self.train, name="moe")(h)
+        else:
+            h, aux = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.init_std, jnp.dtype(cfg.dtype), pdtype,
+                         name="mlp")(h), {}
+        x = x + h
+        return constrain(x, ("batch", "length", "act_embed")), cache, aux
 
 
 class Transformer(nn.Module):
@@ -49,10 +58,11 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: tuple[KVCache, ...] | None = None,
-                 input_embeddings: jax.Array | None = None) -> tuple[jax.Array, Any, Aux]:
+                 input_embeddings: jax.Array | None = None, train: bool = False) -> tuple[jax.Array, Any, Aux]:
         """tokens: [B, T] int -> (logits [B, T, V] fp32, updated caches or None, aux).
 
         input_embeddings: [B, T, D] used instead of looking up `tokens` (gradient probes, soft prompts).
+        train: training-only behaviour (router noise and jitter, the training capacity factor).
 
         positions: [B, T]; default arange(T) without a cache. With a cache, positions are always
         each row's cached length + arange(T), because a position is also its cache slot.
@@ -76,10 +86,16 @@ class Transformer(nn.Module):
 
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_cache = []
+        aux: Aux = {"losses": {}, "stats": {}}
         for i in range(cfg.num_layers):
-            x, layer_cache = block_cls(cfg, name=f"block_{i}")(x, positions,
-                                                               None if cache is None else cache[i])
+            name = f"block_{i}"
+            x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, name=name)(
+                x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
+            for kind in ("losses", "stats"):
+                aux[kind].update({f"moe/{name}/{key}": v for key, v in layer_aux.get(kind, {}).items()})
+            if "router_bias" in layer_aux:
+                aux.setdefault("router_bias", {})[name] = layer_aux["router_bias"]
 
         x = make_norm(cfg.norm, cfg.norm_eps, pdtype, "final_norm")(x)
         if cfg.tie_embeddings:
@@ -89,7 +105,6 @@ class Transformer(nn.Module):
                            (cfg.d_model, cfg.vocab_size), pdtype)
             logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
-        aux: Aux = {"losses": {}, "stats": {}}
         return logits, (tuple(new_cache) if cache is not None else None), aux
 
 
@@ -97,6 +112,19 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
     """Parameters boxed with logical axis names (`nn.LogicallyPartitioned` leaves)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return Transformer(cfg).init(rng, tokens)["params"]
+
+
+def with_router_biases(params: Any, biases: dict[str, jax.Array]) -> Any:
+    """params with each named block's MoE router bias replaced (biases: aux["router_bias"]).
+
+    The bias is a parameter so that evaluation and decoding, which take only params, route with it;
+    it never gets a gradient, and this replacement is its only update.
+    """
+    params = dict(params)
+    for name, bias in biases.items():
+        moe = {**params[name]["moe"], "router_bias": bias}
+        params[name] = {**params[name], "moe": moe}
+    return params
 
 
 def unbox(tree: Any) -> Any:

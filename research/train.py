@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -79,11 +78,10 @@ def evaluate(steps: Steps, state: TrainState, dataset, max_batches: int) -> dict
 def sample_text(cfg: TrainConfig, params: Any, tokenizer) -> str:
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.bos_id]
     check_prompt(cfg.model, len(prompt), cfg.sample_tokens)
-    tokens, lengths = generate(params, cfg.model, np.asarray([prompt], np.int32),
-                               np.asarray([len(prompt)], np.int32), jax.random.PRNGKey(cfg.seed),
-                               max_new_tokens=cfg.sample_tokens, eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id)
-    return cfg.sample_prompt + tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]).tolist())
+    out = generate(params, cfg.model, np.asarray([prompt], np.int32), np.asarray([len(prompt)], np.int32),
+                   jax.random.PRNGKey(cfg.seed), max_new_tokens=cfg.sample_tokens,
+                   stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    return cfg.sample_prompt + tokenizer.decode(np.asarray(out.tokens[0, 0, :int(out.lengths[0, 0])]).tolist())
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -131,8 +129,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         """Fetches pending metrics, checks they are finite, logs them with throughput and MFU."""
         nonlocal pending, timer_step, timer, throughput
         for s, metrics in jax.device_get(pending):
-            rec = {"step": s, **{k: float(v) for k, v in metrics.items()}}
-            if not all(math.isfinite(v) for v in rec.values()):
+            # Vector statistics (e.g. MoE per-expert fractions) are logged as lists.
+            rec = {"step": s, **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                                 for k, v in metrics.items()}}
+            if not all(np.isfinite(v).all() for v in metrics.values()):
                 where = f"step {last_good} in {ckpt.directory}" if last_good is not None else "none saved yet"
                 raise NonFiniteLossError(f"non-finite loss {rec['loss']} at step {s}; last good checkpoint: {where}")
             log.write(rec)

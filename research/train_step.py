@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.sharding import DEFAULT_RULES, Rules, logical_shardings
-from models.transformer import Transformer
+from models.transformer import Transformer, with_router_biases
 from research.config import OptimConfig, TrainConfig
 from research.mesh import batch_sharding
 from research.metrics import cross_entropy
@@ -22,7 +22,7 @@ from research.metrics import cross_entropy
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # [] int32
-    params: Any
+    params: Any  # includes the MoE router biases, which the step sets outside the gradient
     opt_state: Any
     rng: jax.Array  # base PRNG key (raw uint32, checkpointable); step keys are fold_in(rng, step)
 
@@ -79,9 +79,13 @@ class _InMesh:
             return self.jitted.lower(*args)
 
 
-def lm_loss(model: Transformer, params: Any, batch: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-    """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux))."""
-    logits, _, aux = model.apply({"params": params}, batch[:, :-1])
+def lm_loss(model: Transformer, params: Any, batch: jax.Array,
+            rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux)), in training mode.
+
+    rng: the step's key, for the MoE router noise and jitter.
+    """
+    logits, _, aux = model.apply({"params": params}, batch[:, :-1], train=True, rngs={"router": rng})
     nll = jnp.mean(cross_entropy(logits, batch[:, 1:]))
     total = nll + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
     return total, (nll, aux)
@@ -107,10 +111,12 @@ def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> S
     replicated = NamedSharding(mesh, P())
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        grad_fn = jax.value_and_grad(lambda p: lm_loss(model, p, batch), has_aux=True)
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(lambda p: lm_loss(model, p, batch, rng), has_aux=True)
         (total, (nll, aux)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # The router biases have zero gradient; whatever the optimizer did to them is replaced.
+        params = with_router_biases(optax.apply_updates(state.params, updates), aux.get("router_bias", {}))
         metrics = {"loss": nll, "total_loss": total, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), **aux["losses"], **aux["stats"]}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,62 +1,141 @@
-"""The jitted KV-cache generation loop against recomputing the whole sequence each step."""
+"""The jitted KV-cache generation loop: against full recompute, per-row independence, stopping,
+sampling equivalences and reproducibility, and logits processors with state.
+
+Tolerance: fp32 whole-model outputs agree to 1e-4 (tokens exactly). The test model's init scale is
+raised so its next-token distributions are peaked and greedy choices are not near-ties.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding.generate import check_prompt, generate
+from decoding.generate import check_prompt, generate, greedy_by_recompute
+from decoding.processors import BannedBigrams, RepetitionPenalty
+from decoding.sampling import SamplerConfig, make_sampler
 from models.config import ModelConfig
 from models.transformer import Transformer, init_params, unbox
 
+ATOL_MODEL = 1e-4
 CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
-                  max_seq_len=32)
+                  max_seq_len=32, init_std=0.3)
+PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4, 8]]
+M = 8
+# One sampling program for every sampling test: all filters compiled in, values switch them off.
+ALL_FILTERS = SamplerConfig(sample=True, top_k=True, top_p=True, min_p=True)
 
 
-def greedy_by_recompute(params, prompt, steps):
-    forward = jax.jit(lambda p, t: Transformer(CFG).apply({"params": p}, t)[0])
-    seq = list(prompt)
-    for _ in range(steps):
-        logits = forward(params, jnp.asarray([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
-
-
-def test_greedy_ragged_batch_matches_recompute_per_row():
-    params = unbox(init_params(CFG, jax.random.key(0)))
-    prompts = [[5, 9, 2, 7, 1, 3], [11, 4, 8]]
-    padded = np.zeros((2, 6), np.int32)
+def padded(prompts, width=6):
+    out = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
-    tokens, lengths = generate(params, CFG, padded, np.array([6, 3], np.int32), jax.random.key(0),
-                               max_new_tokens=8)
-    assert tokens.shape == (2, 8) and list(np.asarray(lengths)) == [8, 8]
-    for row, prompt in enumerate(prompts):
-        assert list(np.asarray(tokens[row])) == greedy_by_recompute(params, prompt, 8)
+        out[i, :len(p)] = p
+    return out, np.array([len(p) for p in prompts], np.int32)
 
 
-def test_stops_at_eos_and_pads_after():
-    params = unbox(init_params(CFG, jax.random.key(1)))
-    prompt = np.array([[3, 1, 4]], np.int32)
-    free, _ = generate(params, CFG, prompt, np.array([3]), jax.random.key(0), max_new_tokens=6)
-    eos = int(free[0, 2])  # make the third generated token the stop token
-    tokens, lengths = generate(params, CFG, prompt, np.array([3]), jax.random.key(0), max_new_tokens=6,
-                               eos_id=eos, pad_id=0)
-    first = list(np.asarray(free[0])).index(eos)
-    assert int(lengths[0]) == first + 1
-    assert list(np.asarray(tokens[0, :first + 1])) == list(np.asarray(free[0, :first + 1]))
-    assert np.all(np.asarray(tokens[0, first + 1:]) == 0)
+@pytest.fixture(scope="module")
+def params():
+    return unbox(init_params(CFG, jax.random.key(0)))
 
 
-def test_sampling_is_reproducible_from_the_key():
-    params = unbox(init_params(CFG, jax.random.key(2)))
-    prompt, length = np.array([[1, 2, 3]], np.int32), np.array([3])
-    a, _ = generate(params, CFG, prompt, length, jax.random.key(7), max_new_tokens=10, temperature=1.0)
-    b, _ = generate(params, CFG, prompt, length, jax.random.key(7), max_new_tokens=10, temperature=1.0)
-    c, _ = generate(params, CFG, prompt, length, jax.random.key(8), max_new_tokens=10, temperature=1.0)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+@pytest.fixture(scope="module")
+def greedy(params):
+    prompt, lengths = padded(PROMPTS)
+    return generate(params, CFG, prompt, lengths, max_new_tokens=M)
 
 
-def test_prompt_longer_than_context_is_refused():
-    with pytest.raises(ValueError, match="prompt of 30 tokens \\+ max_new_tokens=8 exceeds model.max_seq_len=32"):
-        check_prompt(CFG, 30, 8)
+def sample(params, key, **values):
+    prompt, lengths = padded(PROMPTS)
+    _, sampling = make_sampler(2, **values)
+    return generate(params, CFG, prompt, lengths, key, max_new_tokens=M, sampler=ALL_FILTERS,
+                    sampling=sampling, num_samples=2)
+
+
+def test_cached_decoding_equals_full_recompute(params, greedy):
+    prompt, lengths = padded(PROMPTS)
+    tokens, logprobs = greedy_by_recompute(params, CFG, prompt, lengths, max_new_tokens=M)
+    phased = generate(params, CFG, prompt, lengths, max_new_tokens=M, cache_phases=3)  # caches of 9, 12, 14
+    for out in (greedy, phased):
+        np.testing.assert_array_equal(out.tokens[:, 0], tokens)
+        np.testing.assert_allclose(out.logprobs[:, 0], logprobs, atol=ATOL_MODEL)
+        np.testing.assert_allclose(out.scores[:, 0], logprobs.sum(-1), atol=ATOL_MODEL)
+    assert greedy.tokens.shape == (2, 1, M) and np.all(greedy.lengths == M)
+
+
+def test_ragged_batch_equals_each_prompt_alone(params, greedy):
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(params, CFG, np.array([prompt], np.int32), np.array([len(prompt)]), max_new_tokens=M)
+        np.testing.assert_array_equal(alone.tokens[0], greedy.tokens[row])
+        np.testing.assert_allclose(alone.logprobs[0], greedy.logprobs[row], atol=ATOL_MODEL)
+
+
+def test_rows_stop_at_their_stop_tokens_and_pad_after(params, greedy):
+    free = np.asarray(greedy.tokens[:, 0])
+    stops = (int(free[0, 2]), int(free[1, 4]))  # row 0 stops at step 2 (unless earlier), row 1 at 4
+    prompt, lengths = padded(PROMPTS)
+    out = generate(params, CFG, prompt, lengths, max_new_tokens=M, stop_tokens=stops, pad_id=0)
+    for row in range(2):
+        first = min(i for i, t in enumerate(free[row]) if t in stops)
+        assert int(out.lengths[row, 0]) == first + 1
+        np.testing.assert_array_equal(out.tokens[row, 0, :first + 1], free[row, :first + 1])
+        assert np.all(np.asarray(out.tokens[row, 0, first + 1:]) == 0)
+        assert np.all(np.asarray(out.logprobs[row, 0, first + 1:]) == 0)
+
+
+def test_temperature_to_zero_and_top_k_one_equal_greedy(params, greedy):
+    expected = np.repeat(np.asarray(greedy.tokens), 2, axis=1)
+    for values in (dict(temperature=0.0), dict(temperature=1e-4), dict(temperature=1.0, top_k=1)):
+        out = sample(params, jax.random.key(3), **values)
+        np.testing.assert_array_equal(out.tokens, expected, err_msg=str(values))
+
+
+def test_same_seed_same_tokens_and_samples_differ(params):
+    values = dict(temperature=[1.0, 0.8], top_k=[0, 20], top_p=[0.95, 1.0], min_p=[0.0, 0.05])
+    a = sample(params, jax.random.key(7), **values)
+    b = sample(params, jax.random.key(7), **values)
+    c = sample(params, jax.random.key(8), **values)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert not np.array_equal(a.tokens[:, 0], a.tokens[:, 1])  # two samples per prompt
+
+
+def reference_with_processors(params, penalty, banned):
+    """Greedy by recompute with the processors' rules written out in NumPy, one step at a time."""
+    forward = jax.jit(lambda p, x: Transformer(CFG).apply({"params": p}, x)[0])
+    out = []
+    for prompt, pen in zip(PROMPTS, penalty):
+        seq = list(prompt)
+        for _ in range(M):
+            buf = np.zeros((1, 6 + M), np.int32)
+            buf[0, :len(seq)] = seq
+            logits = np.array(forward(params, buf)[0, len(seq) - 1])
+            seen = np.isin(np.arange(CFG.vocab_size), seq)
+            logits = np.where(seen, np.where(logits > 0, logits / pen, logits * pen), logits)
+            for a, b in banned:
+                if seq[-1] == a:
+                    logits[b] = -np.inf
+            seq.append(int(np.argmax(logits)))
+        out.append(seq[len(prompt):])
+    return np.array(out)
+
+
+def test_stateful_processors_in_the_loop(params, greedy):
+    free = np.asarray(greedy.tokens[:, 0])
+    # Ban the bigrams greedy decoding produced (one spans the prompt boundary), and penalise row 0 only.
+    banned = np.array([[PROMPTS[0][-1], free[0, 0]], [free[1, 1], free[1, 2]], [free[0, 3], free[0, 4]]], np.int32)
+    penalty = np.array([3.0, 1.0], np.float32)
+    prompt, lengths = padded(PROMPTS)
+    out = generate(params, CFG, prompt, lengths, max_new_tokens=M,
+                   processors=(RepetitionPenalty(penalty), BannedBigrams(banned)))
+    np.testing.assert_array_equal(out.tokens[:, 0], reference_with_processors(params, penalty, banned))
+    for row, prompt_row in enumerate(PROMPTS):
+        seq = list(prompt_row) + list(np.asarray(out.tokens[row, 0]))
+        assert not {tuple(b) for b in banned.tolist()} & set(zip(seq[:-1], seq[1:]))
+
+
+def test_prompt_longer_than_context_is_refused(params):
+    with pytest.raises(ValueError, match=r"^prompt of 30 tokens \+ max_new_tokens=8 exceeds model.max_seq_len=32$"):
+        generate(params, CFG, np.zeros((1, 30), np.int32), np.array([30]), max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"^prompt_lengths=\[7\]: expected 1 <= length <= 6"):
+        generate(params, CFG, np.zeros((1, 6), np.int32), np.array([7]), max_new_tokens=8)
+    check_prompt(CFG, 24, 8)  # exactly fits

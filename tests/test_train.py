@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import research.train as train_mod
-from configs import get_config
+from configs import get_config, list_configs
 from research.checkpoint import Checkpointer
 from research.config import DataConfig, apply_overrides
 from research.train import NonFiniteLossError, main, train
@@ -109,7 +109,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, m
 def test_cli_bad_input_is_one_line_and_nonzero(capsys):
     assert main(["--config", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: config='nope': unknown preset; expected one of bench-512, llama-100m, smoke, tiny"
+    assert err == f"error: config='nope': unknown preset; expected one of {', '.join(list_configs())}"
     assert main(["--config", "smoke", "--set", "model.dmodel=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown override key 'model.dmodel': expected one of model.vocab_size")

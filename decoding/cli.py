@@ -1,0 +1,155 @@
+"""Generate text from a training run's checkpoint, streaming it as it is decoded.
+
+    python -m decoding.generate --checkpoint RUN_DIR --prompt "Once upon" [--strategy greedy|sample|beam]
+        [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--num-samples N]
+        [--num-beams W] [--num-return N] [--max-new-tokens M] [--seed S] [--step STEP] [--stream-every N] [--no-stream]
+
+RUN_DIR is what `python -m research.train --out RUN_DIR` wrote: run.json (the config), tokenizer/ and
+checkpoints/. Greedy and single-sample output is streamed: a host callback inside the compiled loop hands
+the tokens so far to the printer every --stream-every steps (experiments/benchmark_decode.py measures its
+cost). Beam search prints the n-best with their length-normalised scores at the end (beams reorder, so
+there is no stable prefix to print early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jax
+import numpy as np
+
+from decoding.beam_search import BeamConfig, beam_search
+from decoding.generate import generate
+from decoding.processors import RepetitionPenalty
+from decoding.sampling import make_sampler
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and exit status 2, instead of the usage block."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m decoding.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run directory written by research.train")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
+    p.add_argument("--temperature", type=float, default=1.0, help="sample: 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample: keep the k most probable tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus mass in (0, 1] (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="sample: drop tokens below min_p x the top one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--num-samples", type=int, default=1, help="sample: continuations per prompt")
+    p.add_argument("--num-beams", type=int, default=4, help="beam: beam width")
+    p.add_argument("--num-return", type=int, default=1, help="beam: hypotheses printed, best first")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--stream-every", type=int, default=4, help="steps between printed updates")
+    p.add_argument("--no-stream", action="store_true", help="print only when generation is done")
+    return p.parse_args(argv)
+
+
+class TextStream:
+    """Prints row 0's text as it grows: re-decodes the row and prints what is new, holding back a
+    trailing incomplete character (U+FFFD) until the bytes that complete it arrive."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.printed = ""
+
+    def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.write(self.tokenizer.decode(tokens[0, :lengths[0]].tolist()).rstrip("\ufffd"))
+
+    def finish(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.write(self.tokenizer.decode(tokens[0, :lengths[0]].tolist()))
+        sys.stdout.write("\n")
+
+    def write(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def load_run(run_dir: Path, step: int | None) -> tuple[Any, Any, Any]:
+    """(TrainConfig, params, tokenizer) of a training run directory."""
+    # The run's config, tokenizer and checkpoints belong to the research harness, which sits above
+    # `decoding`; importing it here, only for the command line, keeps the library's layering one-way.
+    from research.checkpoint import Checkpointer
+    from research.config import MeshConfig, TrainConfig, from_dict
+    from research.mesh import make_mesh
+    from research.tokenizer import load_tokenizer
+    from research.train_step import build_steps
+
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise ValueError(f"--checkpoint {run_dir}: no run.json (expected a directory written by research.train)")
+    cfg = from_dict(TrainConfig, json.loads(record_path.read_text())["config"])
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        steps = ckpt.all_steps()
+        if not steps or (step is not None and step not in steps):
+            raise ValueError(f"--step {step}: not among the saved checkpoints {steps} in {ckpt.directory}"
+                             if steps else f"--checkpoint {run_dir}: no checkpoints saved")
+        abstract = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1])).abstract_state
+        state = ckpt.restore(step if step is not None else max(steps), abstract)
+    finally:
+        ckpt.close()
+    return cfg, state.params, load_tokenizer(run_dir / "tokenizer")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty={args.repetition_penalty}: expected > 0 (1 is off)")
+    beam = BeamConfig(num_beams=args.num_beams, num_return=args.num_return) if args.strategy == "beam" else None
+    sampler, sampling = make_sampler(1, "greedy" if args.strategy == "beam" else args.strategy,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p)
+    cfg, params, tokenizer = load_run(Path(args.checkpoint), args.step)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    prompt, lengths = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
+    processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
+    common = dict(max_new_tokens=args.max_new_tokens, processors=processors, stop_tokens=(tokenizer.eos_id,),
+                  pad_id=tokenizer.pad_id)
+
+    streamed = beam is None and args.num_samples == 1 and not args.no_stream
+    stream = TextStream(tokenizer) if streamed else None
+    start = time.perf_counter()
+    if beam is not None:
+        out = beam_search(params, cfg.model, prompt, lengths, beam=beam, **common)
+    else:
+        if stream is not None:
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+        out = generate(params, cfg.model, prompt, lengths, jax.random.key(args.seed), sampler=sampler,
+                       sampling=sampling, num_samples=args.num_samples, stream=stream,
+                       stream_every=args.stream_every, **common)
+    out = jax.device_get(out)
+    seconds = time.perf_counter() - start
+    if stream is not None:
+        stream.finish(out.tokens[:, 0], out.lengths[:, 0])
+    else:
+        for n in range(out.tokens.shape[1]):
+            text = args.prompt + tokenizer.decode(out.tokens[0, n, :out.lengths[0, n]].tolist())
+            label = f"[score {out.scores[0, n]:.3f}] " if beam is not None else ""
+            print(f"{label}{text}" if out.tokens.shape[1] == 1 else f"--- {n + 1}: {label}{text}")
+    print(f"{int(out.lengths.sum())} tokens in {seconds:.1f} s (compilation included)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ValueError as err:  # ConfigError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

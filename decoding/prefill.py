@@ -1,0 +1,103 @@
+"""What the decode loops share: checked inputs, the prompt prefilled into a KV cache, and the loop run over
+a cache that grows in phases."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache, init_cache, with_lengths
+from models.transformer import Transformer
+
+
+def check_prompt(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """A prompt plus its continuation must fit the model's context."""
+    if prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"model.max_seq_len={cfg.max_seq_len}")
+
+
+def check_inputs(cfg: ModelConfig, prompt: Any, prompt_lengths: Any, max_new_tokens: int) -> None:
+    """One-line ValueErrors for prompts the loops cannot run: shapes, lengths, ids, context."""
+    prompt, lengths = np.asarray(prompt), np.asarray(prompt_lengths)
+    if prompt.ndim != 2 or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt: expected a [batch, length] integer array, got {prompt.dtype} {prompt.shape}")
+    if lengths.shape != prompt.shape[:1]:
+        raise ValueError(f"prompt_lengths: expected shape {prompt.shape[:1]} (one per prompt), got {lengths.shape}")
+    if np.any(lengths < 1) or np.any(lengths > prompt.shape[1]):
+        raise ValueError(f"prompt_lengths={lengths.tolist()}: expected 1 <= length <= {prompt.shape[1]} "
+                         "(the padded prompt width)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
+    check_prompt(cfg, prompt.shape[1], max_new_tokens)
+    valid = np.arange(prompt.shape[1])[None, :] < lengths[:, None]
+    if np.any(valid & ((prompt < 0) | (prompt >= cfg.vocab_size))):
+        raise ValueError(f"prompt: token ids must be in [0, model.vocab_size={cfg.vocab_size})")
+
+
+def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """Stop token ids as a [S] array, S a multiple of 4 filled with -1 (never a token): the ids are not
+    compiled in, and any set of up to 4 of them shares one program."""
+    ids = np.asarray(list(stop_tokens), np.int32)
+    if ids.ndim != 1:
+        raise ValueError(f"stop_tokens: expected a flat list of token ids, got shape {ids.shape}")
+    size = max(4, -(-len(ids) // 4) * 4)
+    return jnp.asarray(np.pad(ids, (0, size - len(ids)), constant_values=-1))
+
+
+def is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
+    """tokens [...] int, stop [S] -> [...] bool."""
+    return jnp.any(tokens[..., None] == stop, axis=-1)
+
+
+def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: jax.Array,
+            repeats: int) -> tuple[tuple[KVCache, ...], jax.Array]:
+    """Runs right-padded prompts [B, P] through the model into a cache of exactly P slots.
+
+    Returns (caches with each row's length set to its prompt length, next-token logits [B * repeats, V]),
+    each prompt's row repeated `repeats` times (prompt-major) after the prefill, so samples or beams of one
+    prompt share one prefill. Slots past a row's prompt hold padding that decoding overwrites.
+    """
+    batch, width = prompt.shape
+    cache = init_cache(cfg, batch, width)
+    logits, cache, _ = Transformer(cfg).apply({"params": params}, prompt, cache=cache)
+    cache = with_lengths(cache, prompt_lengths)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    if repeats > 1:
+        cache, last = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), (cache, last))
+    return cache, last
+
+
+def check_phases(cache_phases: int, max_new_tokens: int) -> None:
+    if not isinstance(cache_phases, int) or not 1 <= cache_phases <= max_new_tokens:
+        raise ValueError(f"cache_phases={cache_phases!r}: expected 1 <= cache_phases <= max_new_tokens={max_new_tokens}")
+
+
+def phase_ends(max_new_tokens: int, phases: int) -> list[int]:
+    """The step count at which each phase ends: `phases` near-equal slices of max_new_tokens."""
+    return [-(-max_new_tokens * (i + 1) // phases) for i in range(phases)]
+
+
+def _grow(cache: tuple[KVCache, ...], slots: int) -> tuple[KVCache, ...]:
+    pad = ((0, 0), (0, slots - cache[0].max_len), (0, 0), (0, 0))
+    return tuple(c.replace(k=jnp.pad(c.k, pad), v=jnp.pad(c.v, pad)) for c in cache)
+
+
+def while_in_phases(cond: Callable[[Any], jax.Array], body: Callable[[Any], Any], state: Any, prompt_width: int,
+                    max_new_tokens: int, phases: int) -> Any:
+    """`lax.while_loop(cond, body, state)` for up to max_new_tokens steps, in `phases` loops over a cache that
+    grows between them (state needs `.step` and `.cache`).
+
+    Attention reads, and the model's cache writes rewrite, every slot of the cache each step, so a loop
+    whose cache only has the slots it can reach does proportionally less work: with P prompt slots and
+    M steps, 4 phases average P + 0.625 M slots instead of P + M. Each phase compiles its own copy of
+    the step, so compilation takes `phases` times longer.
+    """
+    for end in phase_ends(max_new_tokens, phases):
+        state = state.replace(cache=_grow(state.cache, prompt_width + end))
+        state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s.step < end), body, state)
+    return state

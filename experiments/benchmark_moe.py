@@ -1,0 +1,236 @@
+"""Mixture-of-experts speed: train steps against dense baselines, dispatch layouts, forward against HF Mixtral.
+
+    python -m experiments.benchmark_moe [--out FILE] [--quick]
+
+All in one process and one run, so the ratios compare like with like on a noisy machine:
+  train     train-step tokens/s of the Mixtral-shaped preset (top-2 of 8; dropless and with capacity
+            factor 1.25) against a dense model with the same active parameters (d_ff = 2 x 688) and
+            against the dense-MoE mode (every expert on every token);
+  dispatch  one MoE FFN layer, forward + backward, with each token-to-expert layout: ours (gather into
+            capacity buffers; sorted dropless blocks) and GShard's one-hot dispatch/combine einsums;
+  forward   forward tokens/s of mixtral-22m against transformers' MixtralForCausalLM (PyTorch CPU,
+            random init, same dimensions). Optional (`pip install -e .[hf]`): recorded as "not installed".
+`--quick` runs smoke-sized shapes with 2 timed steps and no HF baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.presets import mixtral_22m, smoke
+from experiments.benchmark_train import FORWARD_REPEATS, best_seconds, bench_train, random_tokens, versions
+from models.config import ModelConfig
+from models.mlp import MLP
+from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
+from models.transformer import Transformer, init_params, unbox
+from research.config import TrainConfig, to_dict
+from research.run_record import device_info, write_json_atomic
+
+DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
+TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the issue
+TRAIN_CAPACITY_FACTOR = 1.25
+LAYER_REPEATS = 5
+
+
+def with_model(cfg: TrainConfig, name: str, **model: Any) -> TrainConfig:
+    moe = model.pop("moe", {})
+    new = dataclasses.replace(cfg.model, **model, moe=dataclasses.replace(cfg.model.moe, **moe))
+    return dataclasses.replace(cfg, name=name, model=new)
+
+
+def train_configs(base: TrainConfig) -> dict[str, TrainConfig]:
+    """The MoE preset, its capacity-factor variant, the dense model of equal active params, dense-MoE."""
+    moe = base.model.moe
+    return {
+        "moe_dropless": with_model(base, f"{base.name} (dropless)", moe={"capacity_factor": 0.0}),
+        "moe_capacity": with_model(base, f"{base.name} (capacity {TRAIN_CAPACITY_FACTOR})",
+                                   moe={"capacity_factor": TRAIN_CAPACITY_FACTOR}),
+        "dense_same_active": with_model(base, f"dense d_ff={moe.top_k * base.model.d_ff}",
+                                        d_ff=moe.top_k * base.model.d_ff, moe={"num_experts": 0}),
+        "dense_moe": with_model(base, f"{base.name} (dense-MoE mode)", moe={"router": "dense"}),
+    }
+
+
+def quick_config() -> TrainConfig:
+    base = smoke()
+    return with_model(base, "moe-smoke-1layer", num_layers=1,
+                      moe={"num_experts": 4, "top_k": 2, "renormalize": True, "capacity_factor": 0.0,
+                           "eval_capacity_factor": 0.0})
+
+
+def einsum_dispatch_moe(cfg: ModelConfig, params: dict[str, jax.Array], x: jax.Array,
+                        capacity: int) -> jax.Array:
+    """GShard's layout, for comparison: one-hot dispatch [B, T, E, C] and combine tensors, two einsums.
+
+    Same router, queue order and capacity as models.moe (softmax top-k, sequence order), so its output
+    equals the gather layout's.
+    """
+    moe = cfg.moe
+    probs = jax.nn.softmax(jnp.einsum("btd,de->bte", x, params["router"]), axis=-1)
+    top_probs, experts = jax.lax.top_k(probs, moe.top_k)
+    gates = top_probs / jnp.sum(top_probs, -1, keepdims=True) if moe.renormalize else top_probs
+    pos = slot_positions(experts, None, moe.num_experts)
+    # A dropped assignment's position is >= capacity, whose one-hot row is all zeros.
+    mask = jax.nn.one_hot(experts, moe.num_experts)[..., None] * jax.nn.one_hot(pos, capacity)[..., None, :]
+    dispatch, combine = jnp.sum(mask, axis=2), jnp.sum(mask * gates[..., None, None], axis=2)
+    h = jnp.einsum("btec,btd->ebcd", dispatch, x)
+    y = expert_ffn(h, {n: params[n] for n in ("w_up", "w_gate", "w_down")}, cfg.mlp)
+    return jnp.einsum("btec,ebcd->btd", combine, y)
+
+
+def jitted_init(module: Any, *args: Any) -> Any:
+    """Parameters from a compiled init: run op by op, init compiles every op separately (slow on CPU)."""
+    return jax.jit(lambda key: unbox(module.init(key, *args)["params"]))(jax.random.key(0))
+
+
+def bench_forward(cfg: TrainConfig, tokens: np.ndarray) -> float:
+    """Best forward tokens/s of our model (logits only, evaluation mode), fp32."""
+    model = Transformer(cfg.model)
+    params = jax.jit(lambda key: unbox(init_params(cfg.model, key)))(jax.random.key(0))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    x = jax.device_put(tokens)
+    forward(params, x).block_until_ready()  # compile
+    return tokens.size / best_seconds(lambda: forward(params, x).block_until_ready(), FORWARD_REPEATS)
+
+
+def bench_layer(fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array) -> float:
+    """Best seconds of one jitted forward + backward (gradients w.r.t. params and input)."""
+    step = jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) ** 2), argnums=(0, 1)))
+    jax.block_until_ready(step(params, x))  # compile
+    return best_seconds(lambda: jax.block_until_ready(step(params, x)), LAYER_REPEATS)
+
+
+def bench_dispatch(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, Any]:
+    """One MoE FFN layer (capacity factor 1.25, dropless, GShard einsum) and a dense MLP of equal active size."""
+    capacity_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=TRAIN_CAPACITY_FACTOR))
+    dropless_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=0.0))
+    x = jax.random.normal(jax.random.key(0), (batch, seq_len, cfg.d_model))
+    params = jitted_init(MoE(capacity_cfg), x[:1, :8])
+    capacity = expert_capacity(seq_len, cfg.moe.top_k, cfg.moe.num_experts, TRAIN_CAPACITY_FACTOR)
+    mlp = MLP(cfg.d_model, cfg.moe.top_k * cfg.d_ff, cfg.mlp)
+    mlp_params = jitted_init(mlp, x[:1, :8])
+
+    def ours(layer_cfg: ModelConfig) -> Callable:
+        return lambda p, x: MoE(layer_cfg).apply({"params": p}, x)[0]
+
+    def gshard(p: Any, x: jax.Array) -> jax.Array:
+        return einsum_dispatch_moe(cfg, p, x, capacity)
+
+    reference = jax.jit(gshard)(params, x)
+    diff = jnp.max(jnp.abs(jax.jit(ours(capacity_cfg))(params, x) - reference)) / jnp.max(jnp.abs(reference))
+    seconds = {
+        "gather_capacity": bench_layer(ours(capacity_cfg), params, x),
+        "sorted_dropless": bench_layer(ours(dropless_cfg), params, x),
+        "onehot_einsum_capacity": bench_layer(gshard, params, x),
+        "dense_mlp_same_active": bench_layer(lambda p, x: mlp.apply({"params": p}, x), mlp_params, x),
+    }
+    return {"batch_size": batch, "seq_len": seq_len, "capacity_factor": TRAIN_CAPACITY_FACTOR,
+            "capacity": capacity, "repeats": LAYER_REPEATS, "fwd_bwd_seconds": seconds,
+            "max_rel_diff_gather_vs_einsum": float(diff)}  # max |difference| / max |output|
+
+
+def bench_hf_mixtral(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, Any] | str:
+    """Best forward tokens/s of transformers' MixtralForCausalLM of the same shape, or "not installed"."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return "not installed"
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.d_model,
+        intermediate_size=model_cfg.moe.d_ff or model_cfg.d_ff, num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
+        num_local_experts=model_cfg.moe.num_experts, num_experts_per_tok=model_cfg.moe.top_k,
+        max_position_embeddings=model_cfg.max_seq_len, rms_norm_eps=model_cfg.norm_eps,
+        sliding_window=model_cfg.sliding_window or None, tie_word_embeddings=model_cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": model_cfg.rope_theta})
+    model = transformers.MixtralForCausalLM(config).eval()
+    x = torch.from_numpy(tokens.astype(np.int64))
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(input_ids=x, use_cache=False)
+
+    forward()  # first call allocates and picks kernels
+    seconds = best_seconds(forward, FORWARD_REPEATS)
+    return {"tokens_per_s": tokens.size / seconds, "params": sum(p.numel() for p in model.parameters()),
+            "attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads()}
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    rows = [("measurement", "tokens/s", "relative cost vs dense", "target"), ("---", "---:", "---:", "---:")]
+    train, dense = results["train"], results["train"]["dense_same_active"]["tokens_per_s"]
+    for key, run in train.items():
+        target = f"<= {TARGETS['moe_cost_vs_dense_max']}" if key.startswith("moe_") else ""
+        rows.append((f"train {run['name']} {run['batch_size']} x {run['seq_len']}", f"{run['tokens_per_s']:,.0f}",
+                     f"{dense / run['tokens_per_s']:.2f}", target))
+    layer = results["dispatch"]
+    base = layer["fwd_bwd_seconds"]["dense_mlp_same_active"]
+    for key, seconds in layer["fwd_bwd_seconds"].items():
+        tokens = layer["batch_size"] * layer["seq_len"]
+        rows.append((f"one FFN layer fwd+bwd: {key}", f"{tokens / seconds:,.0f}", f"{seconds / base:.2f}", ""))
+    fwd, hf = results["forward"], results["hf"]
+    ratio = f"{fwd['ratio_vs_hf']:.2f}x HF ({hf['tokens_per_s']:,.0f})" if isinstance(hf, dict) else f"HF {hf}"
+    rows.append((f"forward {fwd['name']} {fwd['batch_size']} x {fwd['seq_len']}", f"{fwd['tokens_per_s']:,.0f}",
+                 ratio, f">= {TARGETS['forward_vs_hf_min']}x HF"))
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
+    parser.add_argument("--quick", action="store_true", help="smoke-sized shapes, 2 timed steps, no HF")
+    args = parser.parse_args(argv)
+
+    load_start = os.getloadavg()
+    base = quick_config() if args.quick else mixtral_22m()
+    steps = 2 if args.quick else 5
+    train = {key: bench_train(cfg, steps) for key, cfg in train_configs(base).items()}
+    for run in train.values():
+        run.pop("flops_per_token")  # counts every expert; MoE MFU is not reported here
+    dense = train["dense_same_active"]["tokens_per_s"]
+    ratios = {f"{key}_cost_vs_dense": dense / run["tokens_per_s"] for key, run in train.items()}
+
+    dispatch = bench_dispatch(base.model, base.data.batch_size, base.data.seq_len)
+
+    tokens = random_tokens(base.model.vocab_size, (base.data.batch_size, base.data.seq_len), seed=1)
+    ours = bench_forward(base, tokens)
+    hf = "skipped (--quick)" if args.quick else bench_hf_mixtral(base.model, tokens)
+    forward = {"name": base.name, "config": to_dict(base), "batch_size": tokens.shape[0],
+               "seq_len": tokens.shape[1], "repeats": FORWARD_REPEATS, "tokens_per_s": ours}
+    if isinstance(hf, dict):
+        forward["ratio_vs_hf"] = ours / hf["tokens_per_s"]
+
+    results = {
+        "quick": args.quick,
+        "targets": TARGETS,
+        "train": train,
+        "train_cost_vs_dense": ratios,
+        "dispatch": dispatch,
+        "forward": forward,
+        "hf": hf,
+        "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min; > 0 means neighbours
+        "cpu_count": os.cpu_count(),
+        "versions": versions(),
+        "devices": device_info(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(args.out, results)
+    print(markdown_table(results))
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Pallas kernels, one op per file, each with a pure-jnp `*_reference` beside it.
+
+  flash_attention.py   blocked attention with online softmax, forward + backward (custom_vjp)
+  decode_attention.py  split-K (flash-decoding) attention of one query token over a KV cache
+  common.py            the mask description both share, padding and backend choice
+
+The kernels lower with Triton on GPU and run with `interpret=True` elsewhere (chosen automatically
+when the default backend is CPU), which is how the tests run them.
+"""

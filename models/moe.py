@@ -1,0 +1,255 @@
+"""Sparse mixture-of-experts FFN: router, capacity and dropping, dispatch/combine, balancing losses, stats.
+
+Each token's router picks top_k of E experts and only those experts compute it. Tokens reach their
+experts by gather/scatter (measured faster on CPU than GShard's one-hot dispatch einsum, see
+experiments/benchmark_moe.py), in one of two layouts:
+
+  capacity  every sequence is a group: expert e takes at most C of its tokens into a buffer
+            [E, B, C, D]; an assignment past C is dropped (its MoE output is zero and the residual
+            carries the token). The buffer's E axis lies on the mesh `expert` axis (expert parallelism).
+  dropless  (capacity factor 0) assignments are sorted by expert and each expert's run is padded to
+            whole blocks of rows; a block is computed with its expert's weights. Nothing is dropped.
+
+The router runs in fp32. The layer returns `(y, aux)`: aux["losses"] (already weighted),
+aux["stats"] (routing statistics) and, in training with the auxiliary-loss-free bias,
+aux["router_bias"], the bias for the next step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.sharding import constrain, param_with_axes
+
+# Rows per block in the dropless layout: large enough for efficient matmuls, small enough that the
+# padding (under one block per expert) stays a small fraction of the rows.
+DROPLESS_BLOCK = 128
+BUFFER_AXES = ("act_expert", "act_group", None, "act_embed")  # [E, B, C, D]
+EPS = 1e-10  # keeps the coefficient of variation finite when every count is zero
+
+Weights = dict[str, jax.Array]
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    """C = ceil(k * tokens / E * factor), at most `tokens` (a token picks an expert at most once)."""
+    # Rounded first so that, e.g., 2 * 100 / 8 * 1.2 = 30.000000000000004 gives 30, not 31.
+    return min(tokens, math.ceil(round(top_k * tokens / num_experts * factor, 9)))
+
+
+def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
+    """h: [X, ..., D], weights w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D].
+
+    X is the expert axis of the capacity buffers or the block axis of the dropless layout.
+    """
+    up = jnp.einsum("x...d,xdf->x...f", h, w["w_up"])
+    if kind == "swiglu":
+        hidden = nn.silu(jnp.einsum("x...d,xdf->x...f", h, w["w_gate"])) * up
+    else:
+        hidden = nn.gelu(up)
+    return jnp.einsum("x...f,xfd->x...d", hidden, w["w_down"])
+
+
+def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
+    """Each assignment's place in its expert's queue within its sequence: [B, T, K] int32.
+
+    experts: [B, T, K]. Queues fill choice by choice, every token's first choice before any second
+    choice (GShard), and within a choice in `order`: [B, T] token indices, highest priority first
+    (None: sequence order).
+    """
+    b, t, k = experts.shape
+    if order is not None:
+        experts = jnp.take_along_axis(experts, order[..., None], axis=1)
+    queue = jnp.swapaxes(experts, 1, 2).reshape(b, k * t)  # fill order
+    onehot = jax.nn.one_hot(queue, num_experts, dtype=jnp.int32)  # [B, K*T, E]
+    pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
+    pos = jnp.swapaxes(pos.reshape(b, k, t), 1, 2)
+    if order is not None:
+        pos = jnp.take_along_axis(pos, jnp.argsort(order, axis=1)[..., None], axis=1)
+    return pos
+
+
+def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order: jax.Array | None,
+                      capacity: int, num_experts: int,
+                      ffn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """x: [B, T, D]; experts, gates: [B, T, K] -> (y [B, T, D], kept [B, T, K] bool).
+
+    Assignments past an expert's capacity are dropped; `ffn` maps the buffers [E, B, C, D] to [E, B, C, D].
+    """
+    b, t, d = x.shape
+    rows = num_experts * b * capacity
+    pos = slot_positions(experts, order, num_experts)
+    kept = pos < capacity
+    seq = jnp.arange(b)[:, None, None]
+    # Buffer row of each assignment; a dropped one points past the end, at a zero row.
+    slot = jnp.where(kept, (experts * b + seq) * capacity + pos, rows)
+    token = jnp.broadcast_to(jnp.arange(b * t).reshape(b, t, 1), slot.shape)
+    source = jnp.full((rows,), b * t, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1), mode="drop")
+    x_rows = jnp.concatenate([x.reshape(b * t, d), jnp.zeros((1, d), x.dtype)])
+    h = constrain(x_rows[source].reshape(num_experts, b, capacity, d), BUFFER_AXES)
+    out = constrain(ffn(h), BUFFER_AXES).reshape(rows, d)
+    out = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])
+    y = jnp.einsum("btkd,btk->btd", out[slot], (gates * kept).astype(out.dtype))
+    return y, kept
+
+
+def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, num_experts: int,
+                      ffn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """x: [N, D]; experts, gates: [N, K] -> [N, D], every assignment computed.
+
+    `ffn(h, block_expert)` maps blocks [X, R, D] with their experts [X] to [X, R, D].
+    """
+    n, d = x.shape
+    k = experts.shape[1]
+    a = n * k
+    # Padding is under one block per expert, so a block of at most a / (4E) rows wastes at most a
+    # quarter of the rows; tiny inputs (decoding) get tiny blocks.
+    block = max(1, min(DROPLESS_BLOCK, a // (4 * num_experts)))
+    flat = experts.reshape(a)
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert, token order within
+    counts = jnp.bincount(flat, length=num_experts)
+    padded = -(-counts // block) * block
+    ends = jnp.cumsum(padded)
+    sorted_experts = flat[order]
+    rank = jnp.arange(a) - (jnp.cumsum(counts) - counts)[sorted_experts]
+    row = jnp.zeros((a,), jnp.int32).at[order].set((ends - padded)[sorted_experts] + rank)
+    blocks = (a + num_experts * (block - 1)) // block  # >= sum_e ceil(counts_e / block)
+    source = jnp.full((blocks * block,), n, jnp.int32).at[row].set(jnp.arange(a) // k)
+    block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(blocks) * block, side="right"),
+                               num_experts - 1)
+    x_rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+    out = ffn(x_rows[source].reshape(blocks, block, d), block_expert).reshape(blocks * block, d)
+    return jnp.einsum("nkd,nk->nd", out[row].reshape(n, k, d), gates.astype(out.dtype))
+
+
+def smooth_load(clean: jax.Array, logits: jax.Array, noise_std: jax.Array, top_k: int) -> jax.Array:
+    """Shazeer et al.'s differentiable load: [E].
+
+    Load_i = sum over tokens of P(expert i is in the top k when its noise is resampled)
+           = Phi((clean_i - kth_excluding(logits, k, i)) / noise_std_i).
+    clean, logits (= clean + noise), noise_std: [B, T, E].
+    """
+    e = logits.shape[-1]
+    if top_k == e:  # every expert is always chosen
+        return jnp.full((e,), logits.shape[0] * logits.shape[1], jnp.float32)
+    top = jax.lax.top_k(logits, top_k + 1)[0]
+    chosen = logits >= top[..., top_k - 1:top_k]
+    # The k-th largest of the others: the (k+1)-th overall for a chosen expert, the k-th otherwise.
+    threshold = jnp.where(chosen, top[..., top_k:], top[..., top_k - 1:top_k])
+    return jnp.sum(jax.scipy.stats.norm.cdf((clean - threshold) / noise_std), axis=(0, 1))
+
+
+def cv(x: jax.Array) -> jax.Array:
+    """Coefficient of variation std / mean over experts (population std)."""
+    return jnp.std(x) / (jnp.mean(x) + EPS)
+
+
+class MoE(nn.Module):
+    """The MoE FFN. `train` selects noise, jitter and the training capacity factor.
+
+    Noise and jitter draw from the "router" RNG stream (`rngs={"router": key}` in `apply`).
+    """
+
+    cfg: ModelConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        """x: [B, T, D] -> (y [B, T, D], aux)."""
+        cfg, moe = self.cfg, self.cfg.moe
+        e, k, d, f = moe.num_experts, moe.top_k, cfg.d_model, moe.d_ff or cfg.d_ff
+        b, t, _ = x.shape
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        # Router, in fp32: small logit differences decide the routing.
+        router_init = nn.initializers.zeros if moe.zero_init_router else nn.initializers.normal(cfg.init_std)
+
+        def router_weight(name: str) -> jax.Array:
+            return self.param(name, param_with_axes(router_init, ("embed", None)), (d, e),
+                              pdtype).astype(jnp.float32)
+
+        xr = x.astype(jnp.float32)
+        if self.train and moe.jitter:
+            xr = xr * jax.random.uniform(self.make_rng("router"), xr.shape, jnp.float32,
+                                         1 - moe.jitter, 1 + moe.jitter)
+        clean = jnp.einsum("btd,de->bte", xr, router_weight("router"))
+        logits, noise_std = clean, None
+        if moe.router == "noisy":
+            noise_std = nn.softplus(jnp.einsum("btd,de->bte", xr, router_weight("router_noise")))
+            if self.train:
+                logits = clean + jax.random.normal(self.make_rng("router"), clean.shape) * noise_std
+        probs = jax.nn.softmax(logits, axis=-1)
+        scores = probs
+        if moe.bias_update_rate:
+            # Kept in fp32 whatever param_dtype is: updates of u = 1e-3 would vanish in bf16.
+            bias = self.param("router_bias", param_with_axes(nn.initializers.zeros, ("expert",)), (e,),
+                              jnp.float32)
+            scores = probs + jax.lax.stop_gradient(bias)  # selection only: gates use the unbiased probs
+        experts = jax.lax.top_k(scores, k)[1]  # [B, T, K]
+        top_probs = jnp.take_along_axis(probs, experts, axis=-1)
+        gates = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True) if moe.renormalize else top_probs
+
+        # Experts, stacked [E, D, F].
+        init = nn.initializers.normal(cfg.init_std)
+
+        def expert_weight(name: str, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> jax.Array:
+            return self.param(name, param_with_axes(init, ("expert",) + axes), (e,) + shape, pdtype).astype(dtype)
+
+        w = {"w_up": expert_weight("w_up", (d, f), ("embed", "mlp"))}
+        if cfg.mlp == "swiglu":
+            w["w_gate"] = expert_weight("w_gate", (d, f), ("embed", "mlp"))
+        w["w_down"] = expert_weight("w_down", (f, d), ("mlp", "embed"))
+
+        xc = x.astype(dtype)
+        factor = moe.capacity_factor if self.train else moe.eval_capacity_factor
+        kept = jnp.ones(experts.shape, bool)
+        if moe.router == "dense":
+            out = expert_ffn(jnp.broadcast_to(xc, (e,) + xc.shape), w, cfg.mlp)  # [E, B, T, D]
+            y = jnp.einsum("ebtd,bte->btd", out, probs.astype(dtype))
+        elif factor == 0:
+            y = dropless_dispatch(xc.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), e,
+                                  lambda h, ids: expert_ffn(h, {n: v[ids] for n, v in w.items()}, cfg.mlp))
+            y = y.reshape(b, t, d)
+        else:
+            order = None if moe.priority == "order" else jnp.argsort(-top_probs[..., 0], axis=1, stable=True)
+            y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), e,
+                                        lambda h: expert_ffn(h, w, cfg.mlp))
+
+        # Balancing losses and statistics. Loads count assignments before any are dropped; the dense
+        # router's describe its top-k choice.
+        chosen = jax.nn.one_hot(experts, e, dtype=jnp.float32)  # [B, T, K, E]
+        counts = jnp.sum(chosen, axis=(0, 1, 2))
+        fraction = counts / (b * t * k)  # f_i; sums to 1 for any k, so uniform routing gives alpha
+        mean_prob = jnp.mean(probs, axis=(0, 1))  # P_i
+        importance = jnp.sum(chosen * gates[..., None], axis=(0, 1, 2))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        losses = {}
+        if moe.switch_loss_weight:
+            losses["switch_loss"] = moe.switch_loss_weight * e * jnp.sum(fraction * mean_prob)
+        if moe.importance_loss_weight:
+            losses["importance_loss"] = moe.importance_loss_weight * cv(importance) ** 2
+        if moe.load_loss_weight:
+            losses["load_loss"] = moe.load_loss_weight * cv(smooth_load(clean, logits, noise_std, k)) ** 2
+        if moe.z_loss_weight:
+            losses["z_loss"] = moe.z_loss_weight * jnp.mean(lse ** 2)
+        max_load = jnp.max(counts) / jnp.mean(counts)
+        stats = {
+            "expert_fraction": fraction,
+            "router_prob": mean_prob,
+            "load_cv": cv(counts),
+            "importance_cv": cv(importance),
+            "max_load": max_load,  # max / mean
+            "max_violation": max_load - 1,  # MaxVio = (max - mean) / mean
+            "router_entropy": jnp.mean(jnp.sum(jax.scipy.special.entr(probs), axis=-1)),
+            "dropped_fraction": 1 - jnp.mean(kept.astype(jnp.float32)),  # of token-expert assignments
+            "router_logsumexp": jnp.mean(lse),
+        }
+        aux: dict[str, Any] = {"losses": losses, "stats": stats}
+        if moe.bias_update_rate and self.train:
+            aux["router_bias"] = bias + moe.bias_update_rate * jnp.sign(jnp.mean(counts) - counts)
+        return y.astype(x.dtype), aux

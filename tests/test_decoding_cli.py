@@ -1,0 +1,84 @@
+"""`python -m decoding.generate`: one-line errors for bad arguments, and text from a run directory laid out
+as research.train writes it (run.json, tokenizer/, checkpoints/; an untrained smoke model here)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import get_config
+from decoding.cli import TextStream, main
+from research.checkpoint import Checkpointer
+from research.config import MeshConfig, to_dict
+from research.input_pipeline import build_datasets
+from research.mesh import make_mesh
+from research.train_step import build_steps
+
+
+@pytest.fixture(scope="module")
+def run_dir(cache_dir, tmp_path_factory):
+    cfg = get_config("smoke")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=cache_dir))
+    out = tmp_path_factory.mktemp("run")
+    tokenizer, _, _ = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
+    tokenizer.save(out / "tokenizer")
+    (out / "run.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    state = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1])).init()
+    ckpt = Checkpointer(out / "checkpoints")
+    ckpt.save(3, state)
+    ckpt.wait()
+    ckpt.close()
+    return out, cfg, state.params, tokenizer
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "nucleus"], "argument --strategy: invalid choice: 'nucleus'"),
+    (["--top-p", "1.5"], "error: top_p=1.5: expected 0 < top_p <= 1"),
+    (["--top-p", "0"], "error: top_p=0.0: expected 0 < top_p <= 1"),
+    (["--temperature", "-1"], "error: temperature=-1.0: expected >= 0"),
+    (["--strategy", "beam", "--num-beams", "0"], "error: num_beams=0: expected a positive integer"),
+    (["--max-new-tokens", "10000"], "error: prompt of 1 tokens + max_new_tokens=10000 exceeds model.max_seq_len=64"),
+    (["--step", "7"], "error: --step 7: not among the saved checkpoints [3]"),
+])
+def test_bad_arguments_fail_with_one_line(run_dir, capsys, args, message):
+    argv = ["--checkpoint", str(run_dir[0]), "--prompt", "a", *args]
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_missing_run_directory(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "a"]) == 2
+    assert "no run.json" in capsys.readouterr().err
+
+
+def test_greedy_text_is_streamed(run_dir, capsys):
+    out, cfg, params, tokenizer = run_dir
+    assert main(["--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "10", "--stream-every", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The ") and captured.out.endswith("\n")
+    assert "tokens in" in captured.err
+
+
+def test_text_stream_prints_each_character_once(run_dir, capsys):
+    tokenizer = run_dir[3]
+    ids = tokenizer.encode("naïve café ☕ done")
+    stream = TextStream(tokenizer)
+    tokens = np.array([ids])
+    for n in range(1, len(ids) + 1, 2):  # updates every other token, as `stream_every` would
+        stream(tokens, np.array([n]))
+    stream.finish(tokens, np.array([len(ids)]))
+    assert capsys.readouterr().out == "naïve café ☕ done\n"
+
+
+def test_beam_search_prints_the_n_best(run_dir, capsys):
+    out = run_dir[0]
+    assert main(["--checkpoint", str(out), "--prompt", "The ", "--strategy", "beam", "--num-beams", "3",
+                 "--num-return", "2", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("--- 1: [score ") and lines[1].startswith("--- 2: [score ")
