@@ -15,7 +15,8 @@ pool holds W hypotheses and (`early_stopping`):
                can enter the pool: the result is what running to max_new_tokens would give).
 Beams still live at max_new_tokens compete as hypotheses of length max_new_tokens.
 
-Top-k selections avoid XLA's CPU sort (milliseconds for W x V entries) with `top_k_small`.
+The best 2W of the W x V continuations are found in two stages, each beam's best 2W first (they contain
+the overall best 2W), with `top_k_small` instead of `lax.top_k`, whose CPU sort takes milliseconds here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from decoding.generate import DecodeOutput
-from decoding.prefill import check_inputs, check_phases, is_stop, prefill, stop_array, while_in_phases
+from decoding.prefill import check_inputs, is_stop, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from models.config import ModelConfig
 from models.kv_cache import KVCache
@@ -73,35 +74,23 @@ class BeamConfig:
 
 
 def top_k_small(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """x [R, n] -> (values [R, k], indices [R, k]): the k largest, largest first, ties by lower index.
+    """x [R, n] -> (values [R, k], indices [R, k]): the k largest (k <= n), largest first, ties by lower index.
 
-    No sort: XLA's CPU sort is slow (`lax.top_k` of 4 x 8000 entries takes ~6 ms). Up to RANK_LIMIT
-    entries each one's rank comes from comparing all pairs; beyond, k extractions from sqrt(n)-sized
-    chunks, each reading the chunk maxima and one chunk (~30 us for k = 8 of 4 x 8000), where once only
-    -inf is left the remaining picks are -inf and may repeat an index.
+    Without a sort: XLA's CPU sort is slow (`lax.top_k` of 4 x 8000 entries takes ~6 ms). Up to
+    RANK_LIMIT entries, each entry's rank comes from comparing all pairs (no loop); beyond, k extractions
+    from sqrt(n)-sized chunks, each reading the chunk maxima and one chunk (~30 us for k = 8 of 4 x 8000),
+    where once only -inf is left the remaining picks are -inf and may repeat an index.
     """
-    if x.shape[1] <= RANK_LIMIT:
-        return _top_k_by_rank(x, k)
-    return _top_k_by_extraction(x, k)
-
-
-RANK_LIMIT = 256
-
-
-def _top_k_by_rank(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    if x.shape[1] < k:
-        x = jnp.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=-jnp.inf)
-    i = jnp.arange(x.shape[1])
-    ahead = (x[:, None, :] > x[:, :, None]) | ((x[:, None, :] == x[:, :, None]) & (i < i[:, None]))
-    rank = jnp.sum(ahead, axis=-1)  # [R, n]: a permutation of 0..n-1 per row
-    indices = jnp.sum(jnp.where(rank[:, :, None] == jnp.arange(k), i[:, None], 0), axis=1).astype(jnp.int32)
-    return jnp.take_along_axis(x, indices, axis=1), indices
-
-
-def _top_k_by_extraction(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     rows, n = x.shape
-    chunk = math.isqrt(max(n, k) - 1) + 1
-    chunks = -(-max(n, k) // chunk)
+    if n <= RANK_LIMIT:
+        i = jnp.arange(n)
+        ahead = (x[:, None, :] > x[:, :, None]) | ((x[:, None, :] == x[:, :, None]) & (i < i[:, None]))
+        rank = jnp.sum(ahead, axis=-1)  # [R, n]: a permutation of 0..n-1 per row
+        indices = jnp.sum(jnp.where(rank[:, :, None] == jnp.arange(k), i[:, None], 0), axis=1).astype(jnp.int32)
+        return jnp.take_along_axis(x, indices, axis=1), indices
+
+    chunk = math.isqrt(n - 1) + 1
+    chunks = -(-n // chunk)
     x = jnp.pad(x, ((0, 0), (0, chunks * chunk - n)), constant_values=-jnp.inf).reshape(rows, chunks, chunk)
     r = jnp.arange(rows)
 
@@ -118,6 +107,9 @@ def _top_k_by_extraction(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     init = (x, jnp.max(x, axis=-1), jnp.zeros((rows, k), x.dtype), jnp.zeros((rows, k), jnp.int32))
     _, _, values, indices = jax.lax.fori_loop(0, k, extract, init)
     return values, indices
+
+
+RANK_LIMIT = 128  # n^2 comparisons per row: cheaper than a loop of extractions for small n
 
 
 @flax.struct.dataclass
@@ -146,7 +138,7 @@ def _merge(scores: jax.Array, tokens: jax.Array, logprobs: jax.Array, lengths: j
 
 def beam_search(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, *, max_new_tokens: int,
                 beam: BeamConfig = BeamConfig(), processors: Sequence[LogitsProcessor] = (),
-                stop_tokens: Sequence[int] = (), pad_id: int = 0, cache_phases: int = 1) -> DecodeOutput:
+                stop_tokens: Sequence[int] = (), pad_id: int = 0) -> DecodeOutput:
     """The `beam.num_return` best continuations of each right-padded prompt [B, P], best first.
 
     Returns tokens/logprobs [B, N, M], lengths [B, N] and length-normalised scores [B, N] (-inf marks a
@@ -154,20 +146,19 @@ def beam_search(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any,
     as for `decoding.generate.generate`, with `beam` in place of the sampler.
     """
     check_inputs(cfg, prompt, prompt_lengths, max_new_tokens)
-    check_phases(cache_phases, max_new_tokens)
     return _beam_search(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
                         tuple(processors), stop_array(stop_tokens), cfg=cfg, max_new_tokens=max_new_tokens,
-                        beam=beam, pad_id=pad_id, cache_phases=cache_phases)
+                        beam=beam, pad_id=pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam", "pad_id", "cache_phases"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam", "pad_id"))
 def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, processors: tuple[LogitsProcessor, ...],
                  stop: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, beam: BeamConfig,
-                 pad_id: int, cache_phases: int) -> DecodeOutput:
+                 pad_id: int) -> DecodeOutput:
     batch, width, m = prompt.shape[0], beam.num_beams, max_new_tokens
     vocab = cfg.vocab_size
     model = Transformer(cfg)
-    cache, logits = prefill(params, cfg, prompt, prompt_lengths, width)
+    cache, logits = prefill(params, cfg, prompt, prompt_lengths, m, width)
     states = init_states(processors, prompt, prompt_lengths, vocab)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), width))
     first_only = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # identical beams: expand one
@@ -231,7 +222,7 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
             done_scores=done_scores, done_lengths=done_lengths,
             stopped=s.stopped | stop_now | (best_alive == -jnp.inf), processor_states=states)
 
-    s = while_in_phases(cond, body, state, prompt.shape[1], m, cache_phases)
+    s = jax.lax.while_loop(cond, body, state)
     # Beams live at the end (prompts that did not stop early) compete at length max_new_tokens.
     alive = jnp.where(s.stopped[:, None], -jnp.inf, s.alive_scores / beam.penalty(m))
     scores, tokens, logprobs, lengths = _merge(

@@ -1,16 +1,19 @@
 """Jitted generation: one compiled program prefills the prompts into the KV cache, then runs a
 `lax.while_loop` of single-token decode steps. No Python runs per token.
 
-    out = generate(params, cfg, prompt, prompt_lengths, key, max_new_tokens=64,
-                   sampler=config, sampling=values, processors=(RepetitionPenalty(1.2),), stop_tokens=(eos,))
+    config, values = make_sampler(batch, temperature=0.8, top_p=0.9)
+    out = generate(params, cfg, prompt, prompt_lengths, key, max_new_tokens=64, sampler=config,
+                   sampling=values, processors=(RepetitionPenalty(1.2),), stop_tokens=(eos,))
 
-The loop state is a pytree (`DecodeState`). What recompiles: the shapes (batch, padded prompt width,
-number of stop tokens beyond each multiple of 4), `cfg`, `max_new_tokens`, `num_samples`, `pad_id`,
-`cache_phases`, the `SamplerConfig` flags, the processors' types and static fields, `stream` and
-`stream_every`. What does not: the parameters, prompts, lengths, the
-key, the per-row sampling values, the processors' array values and the stop token ids.
+The loop state is a pytree (`DecodeState`) holding, besides the cache and outputs, one state per logits
+processor (decoding/processors.py). Each step: processors -> sampling filters -> token -> model.
 
-Command line (see decoding/cli.py):
+What recompiles: shapes (batch, padded prompt width, the stop-token count past each multiple of 4),
+`cfg`, `max_new_tokens`, `num_samples`, `pad_id`, the `SamplerConfig` flags, the processors' types and
+static fields, and `stream` (the function). What does not: the parameters, prompts and their lengths,
+the key, the per-row sampling values, the processors' array values, the stop token ids, `stream_every`.
+
+Command line (decoding/cli.py):
     python -m decoding.generate --checkpoint RUN_DIR --prompt "Once" --strategy sample --top-p 0.9
 """
 
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.prefill import check_inputs, check_phases, check_prompt, is_stop, prefill, stop_array, while_in_phases
+from decoding.prefill import check_inputs, check_prompt, is_stop, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
 from models.config import ModelConfig
@@ -52,7 +55,7 @@ class DecodeState:
 
 @flax.struct.dataclass
 class DecodeOutput:
-    """N outputs per prompt: samples (sorted as drawn) or beam hypotheses (best first)."""
+    """N outputs per prompt: samples (in draw order) or beam hypotheses (best first)."""
 
     tokens: jax.Array  # [B, N, M] int32, pad_id after the stop token
     logprobs: jax.Array  # [B, N, M] fp32, per token, under the processed distribution; 0 after the stop
@@ -63,23 +66,20 @@ class DecodeOutput:
 def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rng: jax.Array | None = None, *,
              max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(), sampling: SamplingParams | None = None,
              processors: Sequence[LogitsProcessor] = (), stop_tokens: Sequence[int] = (), pad_id: int = 0,
-             num_samples: int = 1, stream: StreamFn | None = None, stream_every: int = 8,
-             cache_phases: int = 1) -> DecodeOutput:
+             num_samples: int = 1, stream: StreamFn | None = None, stream_every: int = 8) -> DecodeOutput:
     """Continues right-padded prompts [B, P] (row b valid up to prompt_lengths[b]) greedily or by sampling.
 
     Each prompt gets `num_samples` rows; a row stops after a token in `stop_tokens` or `max_new_tokens`.
     `sampling` (from `make_sampler`) is required when `sampler.sample`; `rng` (a PRNG key) then makes the
-    result reproducible. `stream` receives the tokens so far on the host every `stream_every` steps: a host
-    callback from inside the loop costs ~0.3 ms on a 2-core CPU, so calling it every step would slow a
-    7M-param model by a third (experiments/benchmark_decode.py measures it). `cache_phases` > 1 trades
-    compile time for less attention work per step (see `decoding.prefill.while_in_phases`).
+    result reproducible. `stream` receives the tokens so far on the host every `stream_every` steps: one
+    host callback from inside the loop costs 0.3-1 ms on a busy 2-core CPU, as much as a whole decode step
+    of a 7M-param model, so it is not made every step (experiments/benchmark_decode.py measures it).
     """
     check_inputs(cfg, prompt, prompt_lengths, max_new_tokens)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
     if not isinstance(stream_every, int) or stream_every < 1:
         raise ValueError(f"stream_every={stream_every!r}: expected a positive integer")
-    check_phases(cache_phases, max_new_tokens)
     if sampler.sample:
         if sampling is None:
             raise ValueError("sampling: required when sampler.sample is set (see decoding.sampling.make_sampler)")
@@ -90,19 +90,18 @@ def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rn
     return _generate(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), rng,
                      sampling if sampler.sample else None, tuple(processors), stop_array(stop_tokens), cfg=cfg,
                      max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, num_samples=num_samples,
-                     stream=stream, stream_every=stream_every, cache_phases=cache_phases)
+                     stream=stream, stream_every=jnp.asarray(stream_every, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler", "pad_id", "num_samples", "stream",
-                                             "stream_every", "cache_phases"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler", "pad_id", "num_samples", "stream"))
 def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
               sampling: SamplingParams | None, processors: tuple[LogitsProcessor, ...], stop: jax.Array, *,
               cfg: ModelConfig, max_new_tokens: int, sampler: SamplerConfig, pad_id: int, num_samples: int,
-              stream: StreamFn | None, stream_every: int, cache_phases: int) -> DecodeOutput:
+              stream: StreamFn | None, stream_every: jax.Array) -> DecodeOutput:
     batch = prompt.shape[0]
     rows = batch * num_samples
     model = Transformer(cfg)
-    cache, logits = prefill(params, cfg, prompt, prompt_lengths, num_samples)
+    cache, logits = prefill(params, cfg, prompt, prompt_lengths, max_new_tokens, num_samples)
     states = init_states(processors, prompt, prompt_lengths, cfg.vocab_size)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), num_samples))
     if sampling is not None:
@@ -135,7 +134,7 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)),
             lengths=lengths, done=done, processor_states=update_states(processors, s.processor_states, token))
 
-    state = while_in_phases(cond, body, state, prompt.shape[1], max_new_tokens, cache_phases)
+    state = jax.lax.while_loop(cond, body, state)
     shape = (batch, num_samples)
     return DecodeOutput(tokens=state.tokens.reshape(*shape, -1), logprobs=state.logprobs.reshape(*shape, -1),
                         lengths=state.lengths.reshape(shape), scores=jnp.sum(state.logprobs, -1).reshape(shape))
@@ -150,7 +149,7 @@ def greedy_by_recompute(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt
     Returns (tokens [B, M], log-probs [B, M]); no stop tokens.
     """
     model = Transformer(cfg)
-    batch, width = prompt.shape
+    batch = prompt.shape[0]
     seq = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
     rows = jnp.arange(batch)
 

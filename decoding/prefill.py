@@ -1,9 +1,8 @@
-"""What the decode loops share: checked inputs, the prompt prefilled into a KV cache, and the loop run over
-a cache that grows in phases."""
+"""What the decode loops share: checked inputs, stop tokens, and the prompt prefilled into a KV cache."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,50 +53,19 @@ def is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == stop, axis=-1)
 
 
-def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: jax.Array,
+def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: jax.Array, max_new_tokens: int,
             repeats: int) -> tuple[tuple[KVCache, ...], jax.Array]:
-    """Runs right-padded prompts [B, P] through the model into a cache of exactly P slots.
+    """Runs right-padded prompts [B, P] through the model into a cache of P + max_new_tokens slots.
 
     Returns (caches with each row's length set to its prompt length, next-token logits [B * repeats, V]),
     each prompt's row repeated `repeats` times (prompt-major) after the prefill, so samples or beams of one
     prompt share one prefill. Slots past a row's prompt hold padding that decoding overwrites.
     """
     batch, width = prompt.shape
-    cache = init_cache(cfg, batch, width)
+    cache = init_cache(cfg, batch, width + max_new_tokens)
     logits, cache, _ = Transformer(cfg).apply({"params": params}, prompt, cache=cache)
     cache = with_lengths(cache, prompt_lengths)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     if repeats > 1:
         cache, last = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), (cache, last))
     return cache, last
-
-
-def check_phases(cache_phases: int, max_new_tokens: int) -> None:
-    if not isinstance(cache_phases, int) or not 1 <= cache_phases <= max_new_tokens:
-        raise ValueError(f"cache_phases={cache_phases!r}: expected 1 <= cache_phases <= max_new_tokens={max_new_tokens}")
-
-
-def phase_ends(max_new_tokens: int, phases: int) -> list[int]:
-    """The step count at which each phase ends: `phases` near-equal slices of max_new_tokens."""
-    return [-(-max_new_tokens * (i + 1) // phases) for i in range(phases)]
-
-
-def _grow(cache: tuple[KVCache, ...], slots: int) -> tuple[KVCache, ...]:
-    pad = ((0, 0), (0, slots - cache[0].max_len), (0, 0), (0, 0))
-    return tuple(c.replace(k=jnp.pad(c.k, pad), v=jnp.pad(c.v, pad)) for c in cache)
-
-
-def while_in_phases(cond: Callable[[Any], jax.Array], body: Callable[[Any], Any], state: Any, prompt_width: int,
-                    max_new_tokens: int, phases: int) -> Any:
-    """`lax.while_loop(cond, body, state)` for up to max_new_tokens steps, in `phases` loops over a cache that
-    grows between them (state needs `.step` and `.cache`).
-
-    Attention reads, and the model's cache writes rewrite, every slot of the cache each step, so a loop
-    whose cache only has the slots it can reach does proportionally less work: with P prompt slots and
-    M steps, 4 phases average P + 0.625 M slots instead of P + M. Each phase compiles its own copy of
-    the step, so compilation takes `phases` times longer.
-    """
-    for end in phase_ends(max_new_tokens, phases):
-        state = state.replace(cache=_grow(state.cache, prompt_width + end))
-        state = jax.lax.while_loop(lambda s, end=end: cond(s) & (s.step < end), body, state)
-    return state

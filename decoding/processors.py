@@ -10,9 +10,9 @@ values does not recompile; its type and static fields are part of the compiled p
 The loops hold a tuple of states (one per processor) in their state pytree. `init` sees one row per
 prompt; the loop then repeats the state rows to the R rows it decodes (samples or beams of a prompt are
 adjacent rows), and beam search gathers them with the surviving beams each step. Processors run in order,
-before the sampling filters, and define the distribution the log-probs and beam scores refer to.
-A later constrained-decoding automaton fits the same shape: state = automaton state, process = mask,
-update = transition.
+before the sampling filters, and define the distribution the log-probs and beam scores refer to; they
+must leave at least one token with a finite logit. A later constrained-decoding automaton fits the same
+shape: state = automaton state, process = mask, update = transition.
 """
 
 from __future__ import annotations

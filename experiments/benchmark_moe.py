@@ -2,7 +2,8 @@
 
     python -m experiments.benchmark_moe [--out FILE] [--quick]
 
-All in one process and one run, so the ratios compare like with like on a noisy machine:
+All in one process and one run, and the contenders of each comparison are timed round-robin (best of
+REPEATS rounds), so a neighbour's load falls on all of them alike:
   train     train-step tokens/s of the Mixtral-shaped preset (top-2 of 8; dropless and with capacity
             factor 1.25) against a dense model with the same active parameters (d_ff = 2 x 688) and
             against the dense-MoE mode (every expert on every token);
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,18 +29,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.benchmark_train import FORWARD_REPEATS, best_seconds, bench_train, random_tokens, versions
+from experiments.benchmark_train import random_tokens, versions
 from models.config import ModelConfig
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import Transformer, init_params, unbox
-from research.config import TrainConfig, to_dict
+from research.config import MeshConfig, TrainConfig, to_dict
+from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, write_json_atomic
+from research.train_step import build_steps
 
 DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
 TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the issue
 TRAIN_CAPACITY_FACTOR = 1.25
-LAYER_REPEATS = 5
+REPEATS = 3  # rounds; each contender's best round is reported
+FORWARD_REPEATS = 5  # forward passes are short: more rounds for the same time
+
+Runner = Callable[[], None]  # does a fixed amount of work and blocks until it is done
 
 
 def with_model(cfg: TrainConfig, name: str, **model: Any) -> TrainConfig:
@@ -87,26 +94,57 @@ def einsum_dispatch_moe(cfg: ModelConfig, params: dict[str, jax.Array], x: jax.A
     return jnp.einsum("btec,ebcd->btd", combine, y)
 
 
+def interleaved_best(runners: dict[str, Runner], repeats: int) -> dict[str, float]:
+    """Best seconds of each runner over `repeats` rounds, each round running every runner once."""
+    best = {name: float("inf") for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def jitted_init(module: Any, *args: Any) -> Any:
     """Parameters from a compiled init: run op by op, init compiles every op separately (slow on CPU)."""
     return jax.jit(lambda key: unbox(module.init(key, *args)["params"]))(jax.random.key(0))
 
 
-def bench_forward(cfg: TrainConfig, tokens: np.ndarray) -> float:
-    """Best forward tokens/s of our model (logits only, evaluation mode), fp32."""
+def train_runner(cfg: TrainConfig, steps: int) -> Runner:
+    """Compiles cfg's train step on one device; the runner takes `steps` steps on distinct batches."""
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    train = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    batches = [put_batch(random_tokens(cfg.model.vocab_size, (b, t + 1), seed), train.batch_sharding)
+               for seed in range(steps)]
+    state = train.init()
+    for i in range(2):  # the first call compiles, the second reaches the steady state
+        state, _ = train.train(state, batches[i % steps])
+    jax.block_until_ready(state)
+
+    def run() -> None:
+        nonlocal state  # the train step donates its input state
+        for batch in batches:
+            state, _ = train.train(state, batch)
+        jax.block_until_ready(state)
+
+    return run
+
+
+def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
+    """Our forward (logits only, evaluation mode), fp32, compiled."""
     model = Transformer(cfg.model)
     params = jax.jit(lambda key: unbox(init_params(cfg.model, key)))(jax.random.key(0))
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     x = jax.device_put(tokens)
     forward(params, x).block_until_ready()  # compile
-    return tokens.size / best_seconds(lambda: forward(params, x).block_until_ready(), FORWARD_REPEATS)
+    return lambda: forward(params, x).block_until_ready()
 
 
-def bench_layer(fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array) -> float:
-    """Best seconds of one jitted forward + backward (gradients w.r.t. params and input)."""
+def layer_runner(fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array) -> Runner:
+    """One compiled forward + backward (gradients w.r.t. params and input)."""
     step = jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) ** 2), argnums=(0, 1)))
     jax.block_until_ready(step(params, x))  # compile
-    return best_seconds(lambda: jax.block_until_ready(step(params, x)), LAYER_REPEATS)
+    return lambda: jax.block_until_ready(step(params, x))
 
 
 def bench_dispatch(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, Any]:
@@ -127,19 +165,19 @@ def bench_dispatch(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, Any]
 
     reference = jax.jit(gshard)(params, x)
     diff = jnp.max(jnp.abs(jax.jit(ours(capacity_cfg))(params, x) - reference)) / jnp.max(jnp.abs(reference))
-    seconds = {
-        "gather_capacity": bench_layer(ours(capacity_cfg), params, x),
-        "sorted_dropless": bench_layer(ours(dropless_cfg), params, x),
-        "onehot_einsum_capacity": bench_layer(gshard, params, x),
-        "dense_mlp_same_active": bench_layer(lambda p, x: mlp.apply({"params": p}, x), mlp_params, x),
-    }
+    seconds = interleaved_best({
+        "gather_capacity": layer_runner(ours(capacity_cfg), params, x),
+        "sorted_dropless": layer_runner(ours(dropless_cfg), params, x),
+        "onehot_einsum_capacity": layer_runner(gshard, params, x),
+        "dense_mlp_same_active": layer_runner(lambda p, x: mlp.apply({"params": p}, x), mlp_params, x),
+    }, REPEATS)
     return {"batch_size": batch, "seq_len": seq_len, "capacity_factor": TRAIN_CAPACITY_FACTOR,
-            "capacity": capacity, "repeats": LAYER_REPEATS, "fwd_bwd_seconds": seconds,
+            "capacity": capacity, "repeats": REPEATS, "fwd_bwd_seconds": seconds,
             "max_rel_diff_gather_vs_einsum": float(diff)}  # max |difference| / max |output|
 
 
-def bench_hf_mixtral(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, Any] | str:
-    """Best forward tokens/s of transformers' MixtralForCausalLM of the same shape, or "not installed"."""
+def hf_mixtral_runner(model_cfg: ModelConfig, tokens: np.ndarray) -> tuple[Runner, dict[str, Any]] | str:
+    """transformers' MixtralForCausalLM of the same shape (runner, facts), or "not installed"."""
     try:
         import torch
         import transformers
@@ -163,9 +201,9 @@ def bench_hf_mixtral(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, An
             model(input_ids=x, use_cache=False)
 
     forward()  # first call allocates and picks kernels
-    seconds = best_seconds(forward, FORWARD_REPEATS)
-    return {"tokens_per_s": tokens.size / seconds, "params": sum(p.numel() for p in model.parameters()),
-            "attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads()}
+    return forward, {"params": sum(p.numel() for p in model.parameters()),
+                     "attn_implementation": model.config._attn_implementation,
+                     "torch_threads": torch.get_num_threads()}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -195,22 +233,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     load_start = os.getloadavg()
     base = quick_config() if args.quick else mixtral_22m()
-    steps = 2 if args.quick else 5
-    train = {key: bench_train(cfg, steps) for key, cfg in train_configs(base).items()}
-    for run in train.values():
-        run.pop("flops_per_token")  # counts every expert; MoE MFU is not reported here
-    dense = train["dense_same_active"]["tokens_per_s"]
-    ratios = {f"{key}_cost_vs_dense": dense / run["tokens_per_s"] for key, run in train.items()}
+    b, t = base.data.batch_size, base.data.seq_len
+    steps = 2 if args.quick else 3
+    configs = train_configs(base)
+    seconds = interleaved_best({key: train_runner(cfg, steps) for key, cfg in configs.items()}, REPEATS)
+    train = {key: {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
+                   "repeats": REPEATS, "seconds": seconds[key], "tokens_per_s": b * t * steps / seconds[key]}
+             for key, cfg in configs.items()}
+    ratios = {f"{key}_cost_vs_dense": seconds[key] / seconds["dense_same_active"] for key in configs}
 
-    dispatch = bench_dispatch(base.model, base.data.batch_size, base.data.seq_len)
+    dispatch = bench_dispatch(base.model, b, t)
 
-    tokens = random_tokens(base.model.vocab_size, (base.data.batch_size, base.data.seq_len), seed=1)
-    ours = bench_forward(base, tokens)
-    hf = "skipped (--quick)" if args.quick else bench_hf_mixtral(base.model, tokens)
-    forward = {"name": base.name, "config": to_dict(base), "batch_size": tokens.shape[0],
-               "seq_len": tokens.shape[1], "repeats": FORWARD_REPEATS, "tokens_per_s": ours}
-    if isinstance(hf, dict):
-        forward["ratio_vs_hf"] = ours / hf["tokens_per_s"]
+    tokens = random_tokens(base.model.vocab_size, (b, t), seed=1)
+    runners = {"ours": forward_runner(base, tokens)}
+    hf = "skipped (--quick)" if args.quick else hf_mixtral_runner(base.model, tokens)
+    if isinstance(hf, tuple):
+        runners["hf"], hf = hf
+    forward_seconds = interleaved_best(runners, FORWARD_REPEATS)
+    forward = {"name": base.name, "config": to_dict(base), "batch_size": b, "seq_len": t, "repeats": FORWARD_REPEATS,
+               "tokens_per_s": tokens.size / forward_seconds["ours"]}
+    if "hf" in forward_seconds:
+        hf["tokens_per_s"] = tokens.size / forward_seconds["hf"]
+        forward["ratio_vs_hf"] = forward["tokens_per_s"] / hf["tokens_per_s"]
 
     results = {
         "quick": args.quick,

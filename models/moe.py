@@ -8,7 +8,8 @@ experiments/benchmark_moe.py), in one of two layouts:
             [E, B, C, D]; an assignment past C is dropped (its MoE output is zero and the residual
             carries the token). The buffer's E axis lies on the mesh `expert` axis (expert parallelism).
   dropless  (capacity factor 0) assignments are sorted by expert and each expert's run is padded to
-            whole blocks of rows; a block is computed with its expert's weights. Nothing is dropped.
+            whole blocks of rows; a loop over the blocks computes each with its expert's weights.
+            Nothing is dropped.
 
 The router runs in fp32. The layer returns `(y, aux)`: aux["losses"] (already weighted),
 aux["stats"] (routing statistics) and, in training with the auxiliary-loss-free bias,
@@ -18,7 +19,7 @@ aux["router_bias"], the bias for the next step.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,7 @@ from models.sharding import constrain, param_with_axes
 
 # Rows per block in the dropless layout: large enough for efficient matmuls, small enough that the
 # padding (under one block per expert) stays a small fraction of the rows.
-DROPLESS_BLOCK = 128
+DROPLESS_BLOCK = 256
 BUFFER_AXES = ("act_expert", "act_group", None, "act_embed")  # [E, B, C, D]
 EPS = 1e-10  # keeps the coefficient of variation finite when every count is zero
 
@@ -75,13 +76,13 @@ def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int
 
 
 def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order: jax.Array | None,
-                      capacity: int, num_experts: int,
-                      ffn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+                      capacity: int, w: Weights, kind: str) -> tuple[jax.Array, jax.Array]:
     """x: [B, T, D]; experts, gates: [B, T, K] -> (y [B, T, D], kept [B, T, K] bool).
 
-    Assignments past an expert's capacity are dropped; `ffn` maps the buffers [E, B, C, D] to [E, B, C, D].
+    Assignments past an expert's capacity are dropped. w: the stacked expert weights.
     """
     b, t, d = x.shape
+    num_experts = w["w_up"].shape[0]
     rows = num_experts * b * capacity
     pos = slot_positions(experts, order, num_experts)
     kept = pos < capacity
@@ -92,20 +93,17 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order:
     source = jnp.full((rows,), b * t, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1), mode="drop")
     x_rows = jnp.concatenate([x.reshape(b * t, d), jnp.zeros((1, d), x.dtype)])
     h = constrain(x_rows[source].reshape(num_experts, b, capacity, d), BUFFER_AXES)
-    out = constrain(ffn(h), BUFFER_AXES).reshape(rows, d)
+    out = constrain(expert_ffn(h, w, kind), BUFFER_AXES).reshape(rows, d)
     out = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])
     y = jnp.einsum("btkd,btk->btd", out[slot], (gates * kept).astype(out.dtype))
     return y, kept
 
 
-def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, num_experts: int,
-                      ffn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """x: [N, D]; experts, gates: [N, K] -> [N, D], every assignment computed.
-
-    `ffn(h, block_expert)` maps blocks [X, R, D] with their experts [X] to [X, R, D].
-    """
+def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Weights, kind: str) -> jax.Array:
+    """x: [N, D]; experts, gates: [N, K] -> [N, D], every assignment computed. w: stacked expert weights."""
     n, d = x.shape
     k = experts.shape[1]
+    num_experts = w["w_up"].shape[0]
     a = n * k
     # Padding is under one block per expert, so a block of at most a / (4E) rows wastes at most a
     # quarter of the rows; tiny inputs (decoding) get tiny blocks.
@@ -123,7 +121,16 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, num_ex
     block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(blocks) * block, side="right"),
                                num_experts - 1)
     x_rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
-    out = ffn(x_rows[source].reshape(blocks, block, d), block_expert).reshape(blocks * block, d)
+
+    def one_block(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+        rows, e = args  # [R, D], []
+        # Indexed in place inside the loop: gathering every block's weights up front copies them once
+        # per block and measured twice as slow.
+        we = {name: jax.lax.dynamic_index_in_dim(v, e) for name, v in w.items()}
+        return expert_ffn(rows[None], we, kind)[0]
+
+    out = jax.lax.map(one_block, (x_rows[source].reshape(blocks, block, d), block_expert))
+    out = out.reshape(blocks * block, d)
     return jnp.einsum("nkd,nk->nd", out[row].reshape(n, k, d), gates.astype(out.dtype))
 
 
@@ -212,13 +219,11 @@ class MoE(nn.Module):
             out = expert_ffn(jnp.broadcast_to(xc, (e,) + xc.shape), w, cfg.mlp)  # [E, B, T, D]
             y = jnp.einsum("ebtd,bte->btd", out, probs.astype(dtype))
         elif factor == 0:
-            y = dropless_dispatch(xc.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), e,
-                                  lambda h, ids: expert_ffn(h, {n: v[ids] for n, v in w.items()}, cfg.mlp))
-            y = y.reshape(b, t, d)
+            y = dropless_dispatch(xc.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), w,
+                                  cfg.mlp).reshape(b, t, d)
         else:
             order = None if moe.priority == "order" else jnp.argsort(-top_probs[..., 0], axis=1, stable=True)
-            y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), e,
-                                        lambda h: expert_ffn(h, w, cfg.mlp))
+            y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), w, cfg.mlp)
 
         # Balancing losses and statistics. Loads count assignments before any are dropped; the dense
         # router's describe its top-k choice.

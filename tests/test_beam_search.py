@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from decoding.beam_search import BeamConfig, beam_search
+from decoding.beam_search import BeamConfig, beam_search, top_k_small
 from decoding.generate import generate
 from decoding.processors import BannedBigrams
 from models.config import ModelConfig
@@ -63,7 +63,7 @@ def brute_force(params, row, beam, banned=()):
 ])
 def test_enough_beams_find_the_brute_force_n_best(tiny_params, banned):
     beam = BeamConfig(num_beams=40, num_return=5, length_penalty="gnmt", alpha=0.6)
-    out = beam_search(tiny_params, TINY, PROMPT, LENGTHS, max_new_tokens=M, beam=beam, cache_phases=2,
+    out = beam_search(tiny_params, TINY, PROMPT, LENGTHS, max_new_tokens=M, beam=beam,
                       processors=(BannedBigrams(np.array(banned, np.int32)),), stop_tokens=(EOS,))
     for row in range(2):
         expected = brute_force(tiny_params, row, beam, banned)[:5]
@@ -96,6 +96,18 @@ def test_one_beam_equals_greedy():
                       beam=BeamConfig(num_beams=1, length_penalty="none"))
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     np.testing.assert_allclose(out.scores, greedy.scores, atol=ATOL_MODEL)
+
+
+@pytest.mark.parametrize("n, k", [(12, 4), (8000, 8)])
+def test_top_k_small_matches_a_stable_sort(n, k):
+    x = np.random.default_rng(n).normal(size=(3, n)).astype(np.float32)
+    x[0] = np.round(x[0])  # many ties: the lower index goes first
+    x[1, ::2] = -np.inf
+    values, indices = jax.jit(top_k_small, static_argnums=1)(x, k)
+    for row in range(3):
+        order = np.argsort(-x[row], kind="stable")[:k]
+        np.testing.assert_array_equal(indices[row], order)
+        np.testing.assert_array_equal(values[row], x[row, order])
 
 
 @pytest.mark.parametrize("kwargs, message", [

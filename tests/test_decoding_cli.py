@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import get_config
+from decoding import cli
 from decoding.cli import TextStream, main
 from research.checkpoint import Checkpointer
 from research.config import MeshConfig, to_dict
@@ -57,12 +58,26 @@ def test_missing_run_directory(tmp_path, capsys):
     assert "no run.json" in capsys.readouterr().err
 
 
-def test_greedy_text_is_streamed(run_dir, capsys):
-    out, cfg, params, tokenizer = run_dir
-    assert main(["--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "10", "--stream-every", "3"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.startswith("The ") and captured.out.endswith("\n")
-    assert "tokens in" in captured.err
+def test_greedy_text_is_streamed_from_inside_the_loop(run_dir, capsys, monkeypatch):
+    updates = []
+
+    class Recording(cli.TextStream):
+        def __call__(self, tokens, lengths):
+            updates.append(list(tokens[0, :lengths[0]]))
+            super().__call__(tokens, lengths)
+
+        def finish(self, tokens, lengths):
+            updates.append(list(tokens[0, :lengths[0]]))
+            super().finish(tokens, lengths)
+
+    monkeypatch.setattr(cli, "TextStream", Recording)
+    out, tokenizer = run_dir[0], run_dir[3]
+    argv = ["--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "10", "--stream-every", "3"]
+    assert cli.main(argv) == 0
+    *streamed, final = updates
+    assert [len(u) for u in streamed] == [3, 6, 9, len(final)][:len(streamed)]  # every 3 steps and the last
+    assert all(u == final[:len(u)] for u in streamed)
+    assert capsys.readouterr().out == "The " + tokenizer.decode([int(t) for t in final]) + "\n"
 
 
 def test_text_stream_prints_each_character_once(run_dir, capsys):

@@ -6,7 +6,6 @@ raised so its next-token distributions are peaked and greedy choices are not nea
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,8 +20,10 @@ CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_h
                   max_seq_len=32, init_std=0.3)
 PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4, 8]]
 M = 8
-# One sampling program for every sampling test: all filters compiled in, values switch them off.
+# One sampling program serves every sampling and processor test: all filters and both processors are
+# compiled in, and their values switch them off (no token is -1, a penalty of 1 changes nothing).
 ALL_FILTERS = SamplerConfig(sample=True, top_k=True, top_p=True, min_p=True)
+INERT = (RepetitionPenalty(np.ones(2, np.float32)), BannedBigrams(np.full((3, 2), -1, np.int32)))
 
 
 def padded(prompts, width=6):
@@ -43,21 +44,19 @@ def greedy(params):
     return generate(params, CFG, prompt, lengths, max_new_tokens=M)
 
 
-def sample(params, key, **values):
+def sample(params, key, processors=INERT, **values):
     prompt, lengths = padded(PROMPTS)
     _, sampling = make_sampler(2, **values)
     return generate(params, CFG, prompt, lengths, key, max_new_tokens=M, sampler=ALL_FILTERS,
-                    sampling=sampling, num_samples=2)
+                    sampling=sampling, num_samples=2, processors=processors)
 
 
 def test_cached_decoding_equals_full_recompute(params, greedy):
     prompt, lengths = padded(PROMPTS)
     tokens, logprobs = greedy_by_recompute(params, CFG, prompt, lengths, max_new_tokens=M)
-    phased = generate(params, CFG, prompt, lengths, max_new_tokens=M, cache_phases=3)  # caches of 9, 12, 14
-    for out in (greedy, phased):
-        np.testing.assert_array_equal(out.tokens[:, 0], tokens)
-        np.testing.assert_allclose(out.logprobs[:, 0], logprobs, atol=ATOL_MODEL)
-        np.testing.assert_allclose(out.scores[:, 0], logprobs.sum(-1), atol=ATOL_MODEL)
+    np.testing.assert_array_equal(greedy.tokens[:, 0], tokens)
+    np.testing.assert_allclose(greedy.logprobs[:, 0], logprobs, atol=ATOL_MODEL)
+    np.testing.assert_allclose(greedy.scores[:, 0], logprobs.sum(-1), atol=ATOL_MODEL)
     assert greedy.tokens.shape == (2, 1, M) and np.all(greedy.lengths == M)
 
 
@@ -124,13 +123,16 @@ def test_stateful_processors_in_the_loop(params, greedy):
     # Ban the bigrams greedy decoding produced (one spans the prompt boundary), and penalise row 0 only.
     banned = np.array([[PROMPTS[0][-1], free[0, 0]], [free[1, 1], free[1, 2]], [free[0, 3], free[0, 4]]], np.int32)
     penalty = np.array([3.0, 1.0], np.float32)
-    prompt, lengths = padded(PROMPTS)
-    out = generate(params, CFG, prompt, lengths, max_new_tokens=M,
-                   processors=(RepetitionPenalty(penalty), BannedBigrams(banned)))
-    np.testing.assert_array_equal(out.tokens[:, 0], reference_with_processors(params, penalty, banned))
+    processors = (RepetitionPenalty(penalty), BannedBigrams(banned))
+    greedy_rows = sample(params, jax.random.key(0), processors, temperature=0.0)  # both samples greedy
+    expected = reference_with_processors(params, penalty, banned)
+    for n in range(2):
+        np.testing.assert_array_equal(greedy_rows.tokens[:, n], expected)
+    sampled = sample(params, jax.random.key(1), processors, temperature=2.0)
     for row, prompt_row in enumerate(PROMPTS):
-        seq = list(prompt_row) + list(np.asarray(out.tokens[row, 0]))
-        assert not {tuple(b) for b in banned.tolist()} & set(zip(seq[:-1], seq[1:]))
+        for n in range(2):
+            seq = list(prompt_row) + list(np.asarray(sampled.tokens[row, n]))
+            assert not {tuple(b) for b in banned.tolist()} & set(zip(seq[:-1], seq[1:]))
 
 
 def test_prompt_longer_than_context_is_refused(params):
