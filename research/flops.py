@@ -12,7 +12,7 @@ from models.config import ModelConfig
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: all but the lookup tables and norms, plus the LM head."""
-    weights = cfg.param_count(include_embeddings=False)
+    weights = cfg.param_count(include_embeddings=False, active_only=True)  # MoE: only routed experts do work
     norms = (2 * cfg.num_layers + 1) * cfg.d_model * (1 if cfg.norm == "rmsnorm" else 2)
     return weights - norms + cfg.vocab_size * cfg.d_model
 
