@@ -17,8 +17,6 @@ one round and no baseline, to check the script end to end.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import os
 import time
 from pathlib import Path
@@ -29,11 +27,12 @@ import matplotlib
 import numpy as np
 
 from decoding.beam_search import BeamConfig, beam_search
+from experiments.bench_common import environment
 from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
 from models.config import ModelConfig
 from models.transformer import init_params, unbox
-from research.run_record import device_info, library_versions, write_json_atomic
+from research.run_record import write_json_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -236,16 +235,6 @@ def plot_cache_speedup(rows: list[dict[str, Any]], prompt_len: int, path: Path) 
     plt.close(fig)
 
 
-def versions() -> dict[str, str]:
-    found = library_versions()
-    for name in ("torch", "transformers"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def markdown_table(results: dict[str, Any]) -> str:
     rows = [("strategy", "batch", "ours (tok/s)", "HF generate, same run (tok/s)", "ratio",
              "ratio vs HF idle reference"), ("---", "---:", "---:", "---:", "---:", "---:")]
@@ -299,11 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "streaming": streaming,
         "cache_vs_recompute": cache,
         "figure": str(figure),
-        "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min; > 0 means neighbours
-        "cpu_count": os.cpu_count(),
-        "versions": versions(),
-        "devices": device_info(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(load_start),
     }
     write_json_atomic(args.out, results)
     print(markdown_table(results))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import time
 from pathlib import Path
@@ -29,15 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.benchmark_train import random_tokens, versions
+from experiments.bench_common import environment, random_tokens, train_runner
 from models.config import ModelConfig
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import Transformer, init_params, unbox
-from research.config import MeshConfig, TrainConfig, to_dict
-from research.mesh import make_mesh, put_batch
-from research.run_record import device_info, write_json_atomic
-from research.train_step import build_steps
+from research.config import TrainConfig, to_dict
+from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
 TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the issue
@@ -108,26 +105,6 @@ def interleaved_best(runners: dict[str, Runner], repeats: int) -> dict[str, floa
 def jitted_init(module: Any, *args: Any) -> Any:
     """Parameters from a compiled init: run op by op, init compiles every op separately (slow on CPU)."""
     return jax.jit(lambda key: unbox(module.init(key, *args)["params"]))(jax.random.key(0))
-
-
-def train_runner(cfg: TrainConfig, steps: int) -> Runner:
-    """Compiles cfg's train step on one device; the runner takes `steps` steps on distinct batches."""
-    b, t = cfg.data.batch_size, cfg.data.seq_len
-    train = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    batches = [put_batch(random_tokens(cfg.model.vocab_size, (b, t + 1), seed), train.batch_sharding)
-               for seed in range(steps)]
-    state = train.init()
-    for i in range(2):  # the first call compiles, the second reaches the steady state
-        state, _ = train.train(state, batches[i % steps])
-    jax.block_until_ready(state)
-
-    def run() -> None:
-        nonlocal state  # the train step donates its input state
-        for batch in batches:
-            state, _ = train.train(state, batch)
-        jax.block_until_ready(state)
-
-    return run
 
 
 def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
@@ -264,11 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dispatch": dispatch,
         "forward": forward,
         "hf": hf,
-        "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min; > 0 means neighbours
-        "cpu_count": os.cpu_count(),
-        "versions": versions(),
-        "devices": device_info(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(load_start),
     }
     write_json_atomic(args.out, results)
     print(markdown_table(results))

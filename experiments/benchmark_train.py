@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import os
 import time
 from pathlib import Path
@@ -26,13 +24,12 @@ import jax
 import numpy as np
 
 from configs.presets import bench_512, smoke
+from experiments.bench_common import environment, random_tokens, train_runner
 from models.config import ModelConfig
 from models.transformer import Transformer, init_params, unbox
-from research.config import DataConfig, MeshConfig, TrainConfig, to_dict
+from research.config import DataConfig, TrainConfig, to_dict
 from research.flops import forward_flops_per_token, measure_matmul_peak, train_flops_per_token
-from research.mesh import make_mesh, put_batch
-from research.run_record import device_info, library_versions, write_json_atomic
-from research.train_step import build_steps
+from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_train.json")
 PEAK_DTYPE = "float32"  # all benchmarked models compute in fp32
@@ -58,10 +55,6 @@ def quick_configs() -> list[TrainConfig]:
     return [dense, llama]
 
 
-def random_tokens(vocab: int, shape: tuple[int, int], seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, size=shape, dtype=np.int32)
-
-
 def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     """Fastest of `repeats` calls of fn, which must block until its work is done."""
     best = float("inf")
@@ -75,21 +68,7 @@ def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
 def bench_train(cfg: TrainConfig, steps: int) -> dict[str, Any]:
     """Best-of-REPEATS tokens/s of `steps` consecutive train steps (MFU is filled in once the peak is known)."""
     b, t = cfg.data.batch_size, cfg.data.seq_len
-    train = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    # Distinct batches, placed up front so the timed loop measures only the steps.
-    batches = [put_batch(random_tokens(cfg.model.vocab_size, (b, t + 1), seed), train.batch_sharding)
-               for seed in range(steps)]
-    state = train.init()
-    for i in range(3):  # the first call compiles; two more steps reach the steady state
-        state, _ = train.train(state, batches[i % steps])
-    jax.block_until_ready(state)
-
-    def run() -> None:
-        nonlocal state  # the train step donates its input state
-        for batch in batches:
-            state, _ = train.train(state, batch)
-        jax.block_until_ready(state)
-
+    run = train_runner(cfg, steps)
     seconds = best_seconds(run, REPEATS)
     return {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
             "repeats": REPEATS, "seconds": seconds, "tokens_per_s": b * t * steps / seconds,
@@ -131,16 +110,6 @@ def bench_hf_forward(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, An
     seconds = best_seconds(forward, FORWARD_REPEATS)
     return {"tokens_per_s": tokens.size / seconds, "params": sum(p.numel() for p in model.parameters()),
             "attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads()}
-
-
-def versions() -> dict[str, str]:
-    found = library_versions()
-    for name in ("torch", "transformers"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -202,11 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train": train,
         "forward": forward,
         "hf": hf,
-        "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min; > 0 means neighbours
-        "cpu_count": os.cpu_count(),
-        "versions": versions(),
-        "devices": device_info(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(load_start),
     }
     write_json_atomic(args.out, results)
     print(markdown_table(results))

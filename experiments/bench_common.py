@@ -1,0 +1,66 @@
+"""Pieces every benchmark shares: random batches, a compiled train-step runner, and the run environment."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from research.config import MeshConfig, TrainConfig
+from research.mesh import make_mesh, put_batch
+from research.run_record import device_info, library_versions
+from research.train_step import build_steps
+
+
+def random_tokens(vocab: int, shape: tuple[int, int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape, dtype=np.int32)
+
+
+def train_runner(cfg: TrainConfig, steps: int, warmup: int = 3) -> Callable[[], None]:
+    """Compiles cfg's train step on one device; the runner takes `steps` steps on distinct batches.
+
+    Batches are placed up front so a timed call measures only the steps; `warmup` calls (the first
+    compiles) reach the steady state before the runner is returned.
+    """
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    train = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    batches = [put_batch(random_tokens(cfg.model.vocab_size, (b, t + 1), seed), train.batch_sharding)
+               for seed in range(steps)]
+    state = train.init()
+    for i in range(warmup):
+        state, _ = train.train(state, batches[i % steps])
+    jax.block_until_ready(state)
+
+    def run() -> None:
+        nonlocal state  # the train step donates its input state
+        for batch in batches:
+            state, _ = train.train(state, batch)
+        jax.block_until_ready(state)
+
+    return run
+
+
+def versions() -> dict[str, str]:
+    """The run record's library versions plus the optional Hugging Face baseline's."""
+    found = library_versions()
+    for name in ("torch", "transformers"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def environment(load_start: tuple[float, float, float]) -> dict[str, Any]:
+    """What ran the benchmark; a load average above 0 means neighbours shared the cores."""
+    return {
+        "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min
+        "cpu_count": os.cpu_count(),
+        "versions": versions(),
+        "devices": device_info(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
