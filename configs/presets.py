@@ -6,6 +6,7 @@
   llama-100m ~100M parameters (Llama-style GQA), for accelerators
   tiny-moe   tiny with 8 top-1 experts per block (Switch-style); trains on CPU in a minute or two
   mixtral-22m Mixtral's architecture (8 experts, top-2, dropless, SwiGLU, GQA) at the CPU benchmark shape
+  micro-moe  the routing-collapse study's base: 2 blocks of 8 top-1 experts, dropless, no balancing
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def llama_100m() -> TrainConfig:
 
 
 def tiny_moe() -> TrainConfig:
-    """Switch-style: top-1 of 8 experts in every block, alpha = 1e-2; the routing-collapse study's base."""
+    """Switch-style: top-1 of 8 experts in every block, alpha = 1e-2, capacity factor 1.25."""
     return TrainConfig(
         name="tiny-moe",
         model=ModelConfig(vocab_size=2048, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -83,6 +84,20 @@ def mixtral_22m() -> TrainConfig:
         steps=2000, log_every=20, eval_every=250, eval_batches=8, checkpoint_every=250)
 
 
+def micro_moe() -> TrainConfig:
+    """Small enough for a sweep of many runs on 2 CPU cores (~1 s per 25 steps). Dropless and with every
+    balancing term off, so the study's conditions each switch on exactly what they test."""
+    return TrainConfig(
+        name="micro-moe",
+        model=ModelConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128,
+                          max_seq_len=64,
+                          moe=MoEConfig(num_experts=8, top_k=1, capacity_factor=0.0, eval_capacity_factor=0.0,
+                                        switch_loss_weight=0.0)),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=64, batch_size=16, max_bytes=1_000_000),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=30),
+        steps=300, log_every=25, eval_every=300, eval_batches=8, checkpoint_every=100, sample_tokens=0)
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "smoke": smoke,
     "tiny": tiny,
@@ -90,6 +105,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "llama-100m": llama_100m,
     "tiny-moe": tiny_moe,
     "mixtral-22m": mixtral_22m,
+    "micro-moe": micro_moe,
 }
 
 

@@ -198,6 +198,8 @@ class MoE(nn.Module):
                               jnp.float32)
             scores = probs + jax.lax.stop_gradient(bias)  # selection only: gates use the unbiased probs
         experts = jax.lax.top_k(scores, k)[1]  # [B, T, K]
+        # Kept only when apply() is called with mutable=["intermediates"] (e.g. to colour text by expert).
+        self.sow("intermediates", "experts", experts)
         top_probs = jnp.take_along_axis(probs, experts, axis=-1)
         gates = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True) if moe.renormalize else top_probs
 
