@@ -18,7 +18,14 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python -m research.train --config tiny --out runs/tiny --resume
 
-test: setup
+# The tests also check the Hugging Face interop against transformers, so they install the `hf` and
+# `interop` extras, pinned like `bench` (torch 2.13.0 is the CPU build in /opt/wheels; any other version
+# makes pip download a multi-GB CUDA build).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev,hf,interop]" "torch==2.13.0" "transformers==5.23.0"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 # Benchmarks compare against Hugging Face transformers on PyTorch CPU (the `hf` extra), pinned to the

@@ -5,10 +5,11 @@
         [--num-beams W] [--num-return N] [--max-new-tokens M] [--seed S] [--step STEP] [--stream-every N] [--no-stream]
 
 RUN_DIR is what `python -m research.train --out RUN_DIR` wrote: run.json (the config), tokenizer/ and
-checkpoints/. Greedy and single-sample output is streamed: a host callback inside the compiled loop hands
-the tokens so far to the printer every --stream-every steps (experiments/benchmark_decode.py measures its
-cost). Beam search prints the n-best with their length-normalised scores at the end (beams reorder, so
-there is no stable prefix to print early).
+checkpoints/ (only the params are read), or a Hugging Face checkpoint converted by `python -m research.convert`.
+Greedy and single-sample output is streamed: a host callback inside the compiled loop hands the tokens so far
+to the printer every --stream-every steps (experiments/benchmark_decode.py measures its cost). Beam search
+prints the n-best with their length-normalised scores at the end (beams reorder, so there is no stable
+prefix to print early).
 """
 
 from __future__ import annotations
@@ -99,10 +100,10 @@ def load_run(run_dir: Path, step: int | None) -> tuple[Any, Any, Any]:
             raise ValueError(f"--step {step}: not among the saved checkpoints {steps} in {ckpt.directory}"
                              if steps else f"--checkpoint {run_dir}: no checkpoints saved")
         abstract = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1])).abstract_state
-        state = ckpt.restore(step if step is not None else max(steps), abstract)
+        params = ckpt.restore_params(step if step is not None else max(steps), abstract.params)
     finally:
         ckpt.close()
-    return cfg, state.params, load_tokenizer(run_dir / "tokenizer")
+    return cfg, params, load_tokenizer(run_dir / "tokenizer")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> None:
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p)
     cfg, params, tokenizer = load_run(Path(args.checkpoint), args.step)
-    ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    # Hugging Face tokenizers may start every text with ids their model expects (Llama's bos): prompt_prefix.
+    ids = list(getattr(tokenizer, "prompt_prefix", [])) + tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     prompt, lengths = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
     processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
     common = dict(max_new_tokens=args.max_new_tokens, processors=processors, stop_tokens=(tokenizer.eos_id,),

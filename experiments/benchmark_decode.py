@@ -7,8 +7,9 @@ Shape (the issue's): a 6.9M-param Llama (vocab 8000, d 256, ff 688, 4 layers, 8 
 head), fp32, 32-token prompts + 256 new tokens, batch 1 and 8. Tokens/s = batch x new tokens / wall time
 of the whole call (prefill included), best of 3 rounds in which ours and the baseline alternate, so a
 busy neighbour slows both. No stop tokens on either side: every row generates all its tokens.
-The baseline (`pip install -e .[hf]`) is transformers' LlamaForCausalLM of the same shape with its own
-random weights, run with the faster of 1 and all torch threads (probed first); without torch and
+The baseline (`pip install -e .[hf]`) is transformers' LlamaForCausalLM with the same weights (our random
+params exported by research/hf_checkpoint.py and loaded with from_pretrained; both must pick the same
+greedy tokens), run with the faster of 1 and all torch threads (probed first); without torch and
 transformers it is recorded as "not installed". Batch-1 ratios are also given against the HF numbers
 measured on an idle machine of this kind (shared/REFERENCES.md). `--quick` runs a tiny model, 8 tokens,
 one round and no baseline, to check the script end to end.
@@ -17,7 +18,9 @@ one round and no baseline, to check the script end to end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +35,8 @@ from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
 from models.config import ModelConfig
 from models.transformer import init_params, unbox
+from research.hf_checkpoint import save_weights
+from research.hf_config import hf_config_from_model
 from research.run_record import write_json_atomic
 
 matplotlib.use("Agg")
@@ -87,19 +92,30 @@ def our_runs(params: Any, cfg: ModelConfig, prompt: np.ndarray, new_tokens: int)
     }
 
 
-def hf_model(cfg: ModelConfig) -> Any:
-    """transformers' LlamaForCausalLM of the same shape (random weights), or "not installed"."""
+def hf_model(cfg: ModelConfig, params: Any) -> Any:
+    """transformers' LlamaForCausalLM with our `params` (exported to a Hugging Face folder), or "not installed"."""
     try:
-        import torch
+        import torch  # noqa: F401
         import transformers
     except ImportError:
         return "not installed"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(hf_config_from_model(cfg, "float32")))
+        save_weights(Path(folder), params, cfg, "float32")
+        return transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+
+
+def same_greedy_tokens(params: Any, cfg: ModelConfig, model: Any, new_tokens: int = 16) -> bool:
+    """Whether ours and the baseline continue a batch of prompts with the same greedy tokens (same weights)."""
+    import torch
+
+    prompt = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 8)).astype(np.int32)
+    ours = generate(params, cfg, prompt, np.full((2,), 8, np.int32), max_new_tokens=new_tokens).tokens[:, 0]
+    with torch.inference_mode():
+        theirs = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+    return bool(np.array_equal(np.asarray(ours), theirs[:, 8:].numpy()))
 
 
 def hf_runs(model: Any, prompt: np.ndarray, new_tokens: int) -> dict[str, Callable[[], Any]]:
@@ -271,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = unbox(init_params(cfg, jax.random.key(0)))
 
     load_start = os.getloadavg()
-    hf = "skipped (--quick)" if args.quick else hf_model(cfg)
+    hf = "skipped (--quick)" if args.quick else hf_model(cfg, params)
+    same_tokens = same_greedy_tokens(params, cfg, hf) if not isinstance(hf, str) else hf
     torch_threads = pick_torch_threads(hf, cfg) if not isinstance(hf, str) else hf
     throughput = [row for b in batches for row in bench_throughput(params, cfg, b, prompt_len, new_tokens, repeats, hf)]
     streaming = bench_streaming(params, cfg, prompt_len, new_tokens, 2 * repeats - 1)  # short calls: more rounds
@@ -285,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_ratio_vs_hf_batch1": TARGET_RATIO,
         "reference_hf_batch1_tokens_per_s": REFERENCE_HF_BATCH1,
         "hf_torch_threads": torch_threads,
+        "hf_same_greedy_tokens": same_tokens,
         "streaming": streaming,
         "cache_vs_recompute": cache,
         "figure": str(figure),

@@ -35,6 +35,14 @@ class Checkpointer:
         """Restores into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the params (e.g. for decoding): from a train state, or from a params-only checkpoint
+        ({"params": ...}, as research/convert.py writes). The optimizer state is never read."""
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        return self._manager.restore(step, args=args)["params"]
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

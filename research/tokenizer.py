@@ -16,6 +16,7 @@ from typing import Protocol
 
 from models.config import ConfigError
 from research import bpe
+from research import hf_tokenizer
 from research import sentencepiece_tokenizer
 
 KINDS = ("bpe", "sentencepiece-bpe", "sentencepiece-unigram")
@@ -54,7 +55,9 @@ def _check_config(kind: str, vocab_size: int) -> None:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer written by `save`."""
+    """Loads a tokenizer written by `save`, or a Hugging Face tokenizer folder (research/hf_tokenizer.py)."""
+    if hf_tokenizer.is_hf_tokenizer(directory):
+        return hf_tokenizer.HFTokenizer.load(directory)
     kind = json.loads((Path(directory) / METADATA_FILE).read_text())["kind"]
     if kind == "bpe":
         return bpe.BpeTokenizer.load(directory)
