@@ -24,6 +24,7 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16  # global batch, in sequences
     val_fraction: float = 0.02
+    split_seed: int = 0  # picks the validation documents; fixed across run seeds so their losses compare
     max_bytes: int = 0  # use only the first max_bytes of the text (0: all); keeps smoke runs fast
     cache_dir: str = ".cache"  # trained tokenizers and tokenized corpora
 
@@ -32,6 +33,7 @@ class DataConfig:
         check(self.seq_len > 0, "data.seq_len", self.seq_len, "expected a positive integer")
         check(self.batch_size > 0, "data.batch_size", self.batch_size, "expected a positive integer")
         check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "expected 0 < value < 1")
+        check(self.split_seed >= 0, "data.split_seed", self.split_seed, "expected an integer >= 0")
         check(self.max_bytes >= 0, "data.max_bytes", self.max_bytes, "expected 0 (all) or a positive byte count")
 
 

@@ -28,16 +28,18 @@ def _encode_cached(tokenizer: Tokenizer, docs: list[str], cache: Path) -> np.nda
 def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
     """Loads the text, trains (or reuses) the tokenizer on the training split, and packs both splits.
 
-    The validation split is document-level and fixed by `seed`; the tokenizer never sees it.
+    The validation split is document-level and fixed by `cfg.split_seed`, not by the run's `seed` (which
+    orders the training windows), so runs with different seeds are validated on the same documents and
+    share one tokenizer; the tokenizer never sees the validation split.
     """
     text = load_text(cfg.source, cfg.cache_dir)
     if cfg.max_bytes:
         text = text.encode("utf-8")[:cfg.max_bytes].decode("utf-8", errors="ignore")
-    train_docs, val_docs = train_val_split(split_documents(text), cfg.val_fraction, seed)
+    train_docs, val_docs = train_val_split(split_documents(text), cfg.val_fraction, cfg.split_seed)
     train_text = "\n\n".join(train_docs)
     tokenizer = train_tokenizer(cfg.tokenizer, train_text, vocab_size, cfg.cache_dir)
 
-    key = hashlib.sha256(f"{cfg.tokenizer}|{vocab_size}|{cfg.val_fraction}|{seed}|".encode()
+    key = hashlib.sha256(f"{cfg.tokenizer}|{vocab_size}|{cfg.val_fraction}|{cfg.split_seed}|".encode()
                          + text.encode("utf-8")).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / "tokens"
     train_stream = _encode_cached(tokenizer, train_docs, cache / f"{key}-train.npy")
