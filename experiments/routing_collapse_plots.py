@@ -94,23 +94,31 @@ def sorted_final_load(runs: Sequence[Run], out: Path) -> list[str]:
     return save(fig, out, "2_sorted_final_load")
 
 
+def curve_pair(runs: Sequence[Run], left: tuple[str, str], right: tuple[str, str], title: str):
+    """Two panels of per-step curves (mean over layers, seed 0), one line per condition.
+
+    left/right: (curve name in run["curves"], y label). Returns (fig, left axes, right axes).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    for condition, run in first_seed(runs).items():
+        for ax, (name, _) in zip(axes, (left, right)):
+            ax.plot(run["curves"]["step"], smooth(run["curves"][name]), label=condition)
+    for ax, (_, label) in zip(axes, (left, right)):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes[0], axes[1]
+
+
 def balance_vs_step(runs: Sequence[Run], out: Path) -> list[str]:
-    """Figure 3: CV of load and max/mean load (MaxVio on the right axis) against step, mean over layers."""
-    chosen = first_seed(runs)
-    fig, (ax_cv, ax_max) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
-    for condition, run in chosen.items():
-        steps = run["curves"]["step"]
-        ax_cv.plot(steps, smooth(run["curves"]["load_cv"]), label=condition)
-        ax_max.plot(steps, smooth(run["curves"]["max_load"]), label=condition)
-    ax_cv.set_ylabel("CV of expert load")
-    ax_max.set_ylabel("max / mean load")
+    """Figure 3: CV of load and max/mean load (MaxVio on the right axis) against step."""
+    fig, ax_cv, ax_max = curve_pair(runs, ("load_cv", "CV of expert load"), ("max_load", "max / mean load"),
+                                    "Load balance during training (seed 0, mean over layers)")
     ax_max.axhline(1, color="k", linestyle="--", linewidth=1)
     ax_max.secondary_yaxis("right", functions=(lambda x: x - 1, lambda x: x + 1)).set_ylabel("MaxVio")
-    for ax in (ax_cv, ax_max):
-        ax.set_xlabel("step")
-        ax.set_ylim(bottom=0)
+    ax_cv.set_ylim(bottom=0)
+    ax_max.set_ylim(bottom=0)
     ax_cv.legend(fontsize=8)
-    fig.suptitle("Load balance during training (seed 0, mean over layers)", fontsize=10)
     return save(fig, out, "3_balance_vs_step")
 
 
@@ -216,18 +224,10 @@ def routed_text(samples: dict[str, dict[str, Any]], out: Path, width: int = 80) 
 
 
 def router_health_vs_step(runs: Sequence[Run], out: Path) -> list[str]:
-    """Figure 9: router entropy and router logsumexp against step, mean over layers (seed 0)."""
-    chosen = first_seed(runs)
-    fig, (ax_h, ax_z) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
-    for condition, run in chosen.items():
-        ax_h.plot(run["curves"]["step"], smooth(run["curves"]["router_entropy"]), label=condition)
-        ax_z.plot(run["curves"]["step"], smooth(run["curves"]["router_logsumexp"]), label=condition)
-    num_experts = len(runs[0]["sorted_load"])
-    ax_h.axhline(np.log(num_experts), color="k", linestyle="--", linewidth=1, label="log E (uniform)")
-    ax_h.set_ylabel("router entropy (nats)")
-    ax_z.set_ylabel("router logsumexp")
-    for ax in (ax_h, ax_z):
-        ax.set_xlabel("step")
+    """Figure 9: router entropy and router logsumexp against step."""
+    fig, ax_h, _ = curve_pair(runs, ("router_entropy", "router entropy (nats)"),
+                              ("router_logsumexp", "router logsumexp"),
+                              "Router entropy and logit scale during training (seed 0, mean over layers)")
+    ax_h.axhline(np.log(len(runs[0]["sorted_load"])), color="k", linestyle="--", linewidth=1, label="log E (uniform)")
     ax_h.legend(fontsize=8)
-    fig.suptitle("Router entropy and logit scale during training", fontsize=10)
     return save(fig, out, "9_router_entropy_logsumexp")
