@@ -1,9 +1,9 @@
-# Quick start: `make run` (set up + train the tiny preset + print a sample), `make test` (set up + tests).
+# Quick start: `make run` (set up + the routing-collapse study, quick preset), `make test` (set up + tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench
+.PHONY: setup run train test bench
 
 # Reinstalls only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -14,8 +14,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# --resume makes a second `make run` continue (or just report) the same run instead of refusing it.
+# The main job: the routing-collapse study's quick preset. A second `make run` reuses finished runs.
 run: setup
+	$(BIN)/python -m experiments.routing_collapse --preset quick --out runs/routing_collapse_quick --jobs 2
+
+# --resume makes a second `make train` continue (or just report) the same run instead of refusing it.
+train: setup
 	$(BIN)/python -m research.train --config tiny --out runs/tiny --resume
 
 # The tests also check the Hugging Face interop against transformers, so they install the `hf` and
