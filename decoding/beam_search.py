@@ -1,9 +1,10 @@
 """Beam search: B prompts x W beams in one jitted `lax.while_loop`.
 
 Each step scores every (beam, token) continuation by summed log-probability, keeps the best 2W (at most W
-of them can end in a stop token, so W continue), reorders the KV cache and the processor states with a
-gather of the surviving beams, and moves candidates that end in a stop token into a separate pool of
-finished hypotheses ranked by the length-normalised score
+of them can end in a stop token, so W continue), reorders the processor states and the KV cache to the
+surviving beams (the cache by its [B * W, S] slot indices: the beams share cached keys and values, see
+models/kv_cache.py, so no step copies the cache to reorder it), and moves candidates that end in a stop
+token into a separate pool of finished hypotheses ranked by the length-normalised score
 
     score / lp(len),  lp = 1 ("none"), len^alpha ("power"), ((5 + len) / 6)^alpha ("gnmt", as in GNMT/t5x)
 
@@ -31,11 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from decoding.generate import DecodeOutput
-from decoding.prefill import check_inputs, is_stop, prefill, stop_array
+from decoding.prefill import check_inputs, decode_step, is_stop, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.transformer import Transformer
+from models.kv_cache import KVCache, share_slots
 
 LENGTH_PENALTIES = ("none", "power", "gnmt")
 EARLY_STOPPING = ("eager", "heuristic", "exact")
@@ -115,7 +115,7 @@ RANK_LIMIT = 128  # n^2 comparisons per row: cheaper than a loop of extractions 
 @flax.struct.dataclass
 class BeamState:
     step: jax.Array  # [] int32: tokens chosen so far
-    cache: tuple[KVCache, ...]  # B * W rows, beam-major within a prompt
+    cache: tuple[KVCache, ...]  # B * W rows, beam-major within a prompt, sharing slots
     logits: jax.Array  # [B * W, V] fp32: next-token logits of the live beams
     alive_tokens: jax.Array  # [B, W, M] int32
     alive_logprobs: jax.Array  # [B, W, M] fp32
@@ -157,8 +157,8 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
                  pad_id: int) -> DecodeOutput:
     batch, width, m = prompt.shape[0], beam.num_beams, max_new_tokens
     vocab = cfg.vocab_size
-    model = Transformer(cfg)
     cache, logits = prefill(params, cfg, prompt, prompt_lengths, m, width)
+    cache = share_slots(cache)
     states = init_states(processors, prompt, prompt_lengths, vocab)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), width))
     first_only = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # identical beams: expand one
@@ -206,7 +206,7 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
         rows = (jnp.arange(batch)[:, None] * width + pick(parent)).reshape(-1)
         new_tokens = pick(token).reshape(-1)
         states = update_states(processors, take_rows(s.processor_states, rows), new_tokens)
-        logits, cache, _ = model.apply({"params": params}, new_tokens[:, None], cache=take_rows(s.cache, rows))
+        logits, cache = decode_step(params, cfg, new_tokens, tuple(c.reorder(rows) for c in s.cache))
 
         best_alive = jnp.max(alive_scores, axis=-1)
         worst_done = jnp.min(done_scores, axis=-1)
@@ -217,7 +217,7 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
             at = t + 1 if beam.early_stopping == "heuristic" else m
             stop_now = full & (best_alive / beam.penalty(at) <= worst_done)
         return BeamState(
-            step=t + 1, cache=cache, logits=logits[:, 0], alive_tokens=pick(tokens), alive_logprobs=pick(logprobs),
+            step=t + 1, cache=cache, logits=logits, alive_tokens=pick(tokens), alive_logprobs=pick(logprobs),
             alive_scores=alive_scores, done_tokens=done_tokens, done_logprobs=done_logprobs,
             done_scores=done_scores, done_lengths=done_lengths,
             stopped=s.stopped | stop_now | (best_alive == -jnp.inf), processor_states=states)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.prefill import check_inputs, check_prompt, is_stop, prefill, stop_array
+from decoding.prefill import check_inputs, check_prompt, decode_step, is_stop, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
 from models.config import ModelConfig
@@ -100,7 +100,6 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
               stream: StreamFn | None, stream_every: jax.Array) -> DecodeOutput:
     batch = prompt.shape[0]
     rows = batch * num_samples
-    model = Transformer(cfg)
     cache, logits = prefill(params, cfg, prompt, prompt_lengths, max_new_tokens, num_samples)
     states = init_states(processors, prompt, prompt_lengths, cfg.vocab_size)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), num_samples))
@@ -128,9 +127,9 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
             last = (s.step + 1 == max_new_tokens) | jnp.all(done)
             jax.lax.cond(((s.step + 1) % stream_every == 0) | last,
                          lambda: jax.debug.callback(stream, tokens, lengths, ordered=True), lambda: None)
-        logits, cache, _ = model.apply({"params": params}, token[:, None], cache=s.cache)
+        logits, cache = decode_step(params, cfg, token, s.cache)
         return DecodeState(
-            step=s.step + 1, cache=cache, logits=logits[:, 0], tokens=tokens,
+            step=s.step + 1, cache=cache, logits=logits, tokens=tokens,
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)),
             lengths=lengths, done=done, processor_states=update_states(processors, s.processor_states, token))
 

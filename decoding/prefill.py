@@ -1,4 +1,4 @@
-"""What the decode loops share: checked inputs, stop tokens, and the prompt prefilled into a KV cache."""
+"""What the decode loops share: checked inputs, stop tokens, the prompt prefilled into a KV cache, the step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoding.rowwise import rowwise
 from models.config import ModelConfig
 from models.kv_cache import KVCache, init_cache, with_lengths
 from models.transformer import Transformer
@@ -69,3 +70,16 @@ def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: ja
     if repeats > 1:
         cache, last = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), (cache, last))
     return cache, last
+
+
+def decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array,
+                cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """One token per row through the model: tokens [R] -> (next-token logits [R, V] fp32, updated caches).
+
+    On CPU the weight matmuls run as 2-D products, row by row for up to 4 rows (`decoding/rowwise.py`).
+    """
+    def apply(params: Any, tokens: jax.Array, cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        logits, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, None], cache=cache)
+        return logits[:, 0], cache
+
+    return rowwise(apply)(params, tokens, cache)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -42,6 +43,23 @@ def train_runner(cfg: TrainConfig, steps: int, warmup: int = 3) -> Callable[[], 
         jax.block_until_ready(state)
 
     return run
+
+
+Runner = Callable[[], None]  # does a fixed amount of work and blocks until it is done
+
+
+def interleaved_best(runners: dict[str, Runner], repeats: int) -> dict[str, float]:
+    """Best seconds of each runner over `repeats` rounds, each round running every runner once.
+
+    Round-robin, so that a neighbour's load on the shared machine falls on all contenders alike.
+    """
+    best = {name: float("inf") for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def versions() -> dict[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.bench_common import environment, random_tokens, train_runner
+from experiments.bench_common import Runner, environment, interleaved_best, random_tokens, train_runner
 from models.config import ModelConfig
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
@@ -41,8 +40,6 @@ TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the i
 TRAIN_CAPACITY_FACTOR = 1.25
 REPEATS = 3  # rounds; each contender's best round is reported
 FORWARD_REPEATS = 5  # forward passes are short: more rounds for the same time
-
-Runner = Callable[[], None]  # does a fixed amount of work and blocks until it is done
 
 
 def with_model(cfg: TrainConfig, name: str, **model: Any) -> TrainConfig:
@@ -89,17 +86,6 @@ def einsum_dispatch_moe(cfg: ModelConfig, params: dict[str, jax.Array], x: jax.A
     h = jnp.einsum("btec,btd->ebcd", dispatch, x)
     y = expert_ffn(h, {n: params[n] for n in ("w_up", "w_gate", "w_down")}, cfg.mlp)
     return jnp.einsum("btec,ebcd->btd", combine, y)
-
-
-def interleaved_best(runners: dict[str, Runner], repeats: int) -> dict[str, float]:
-    """Best seconds of each runner over `repeats` rounds, each round running every runner once."""
-    best = {name: float("inf") for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def jitted_init(module: Any, *args: Any) -> Any:

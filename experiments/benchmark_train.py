@@ -3,9 +3,11 @@
     python -m experiments.benchmark_train [--out FILE] [--quick]
 
 Everything is measured in one process and one run, so the ratios compare like with like on a noisy
-machine. MFU is achieved model FLOP/s over the measured fp32 matmul peak (`research.flops`). The peak
-is measured at the start and at the end and the larger is used: a neighbour that slows the machine
-during one measurement would otherwise lower the peak and inflate every MFU.
+machine: our forward and Hugging Face's are timed round-robin (best of FORWARD_REPEATS rounds), so a
+neighbour's load falls on both alike. MFU is achieved model FLOP/s over the measured fp32 matmul peak
+(`research.flops`). The peak's matmul chain is timed at the start, at the end and in every timed round
+next to the contenders, and the largest of all is used: a neighbour that slows the machine during a
+peak measurement would otherwise lower the peak and inflate every MFU.
 
 The Hugging Face baseline (`pip install -e .[hf]`) is optional: without torch and transformers it is
 recorded as "not installed". `--quick` runs smoke-sized shapes with 2 timed steps and no baseline.
@@ -16,26 +18,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from configs.presets import bench_512, smoke
-from experiments.bench_common import environment, random_tokens, train_runner
+from experiments.bench_common import Runner, environment, interleaved_best, random_tokens, train_runner
 from models.config import ModelConfig
 from models.transformer import Transformer, init_params, unbox
 from research.config import DataConfig, TrainConfig, to_dict
-from research.flops import forward_flops_per_token, measure_matmul_peak, train_flops_per_token
+from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
 from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_train.json")
 PEAK_DTYPE = "float32"  # all benchmarked models compute in fp32
 MFU_TARGET = 0.5  # the issue's target for d_model >= 512 on CPU
-REPEATS = 3  # timed repetitions of the train loop; the best is reported
-FORWARD_REPEATS = 5
+REPEATS = 4  # timed rounds of the train loop (each with a peak measurement); the best is reported
+FORWARD_REPEATS = 7  # rounds of (ours, HF); forward passes are short
 
 
 def llama_6m() -> TrainConfig:
@@ -55,38 +56,28 @@ def quick_configs() -> list[TrainConfig]:
     return [dense, llama]
 
 
-def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Fastest of `repeats` calls of fn, which must block until its work is done."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def bench_train(cfg: TrainConfig, steps: int) -> dict[str, Any]:
-    """Best-of-REPEATS tokens/s of `steps` consecutive train steps (MFU is filled in once the peak is known)."""
+def bench_train(cfg: TrainConfig, steps: int, peak: Runner) -> tuple[dict[str, Any], float]:
+    """Best-of-REPEATS tokens/s of `steps` consecutive train steps, and the best seconds of the peak's
+    matmul chain timed in the same rounds (MFU is filled in once the peak is known)."""
     b, t = cfg.data.batch_size, cfg.data.seq_len
-    run = train_runner(cfg, steps)
-    seconds = best_seconds(run, REPEATS)
+    seconds = interleaved_best({"train": train_runner(cfg, steps), "peak": peak}, REPEATS)
     return {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
-            "repeats": REPEATS, "seconds": seconds, "tokens_per_s": b * t * steps / seconds,
-            "flops_per_token": train_flops_per_token(cfg.model, t)}
+            "repeats": REPEATS, "seconds": seconds["train"], "tokens_per_s": b * t * steps / seconds["train"],
+            "flops_per_token": train_flops_per_token(cfg.model, t)}, seconds["peak"]
 
 
-def bench_forward(cfg: TrainConfig, tokens: np.ndarray) -> float:
-    """Best forward tokens/s of our model (logits only), fp32."""
+def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
+    """Our forward (full [B, T, V] fp32 logits, as HF's), compiled."""
     model = Transformer(cfg.model)
     params = unbox(init_params(cfg.model, jax.random.key(0)))
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     x = jax.device_put(tokens)
     forward(params, x).block_until_ready()  # compile
-    return tokens.size / best_seconds(lambda: forward(params, x).block_until_ready(), FORWARD_REPEATS)
+    return lambda: forward(params, x).block_until_ready()
 
 
-def bench_hf_forward(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, Any] | str:
-    """Best forward tokens/s of transformers' LlamaForCausalLM with the same shape, or "not installed"."""
+def hf_llama_runner(model_cfg: ModelConfig, tokens: np.ndarray) -> tuple[Runner, dict[str, Any]] | str:
+    """transformers' LlamaForCausalLM of the same shape (runner, facts), or "not installed"."""
     try:
         import torch
         import transformers
@@ -107,9 +98,9 @@ def bench_hf_forward(model_cfg: ModelConfig, tokens: np.ndarray) -> dict[str, An
             model(input_ids=x, use_cache=False)
 
     forward()  # first call allocates and picks kernels
-    seconds = best_seconds(forward, FORWARD_REPEATS)
-    return {"tokens_per_s": tokens.size / seconds, "params": sum(p.numel() for p in model.parameters()),
-            "attn_implementation": model.config._attn_implementation, "torch_threads": torch.get_num_threads()}
+    return forward, {"params": sum(p.numel() for p in model.parameters()),
+                     "attn_implementation": model.config._attn_implementation,
+                     "torch_threads": torch.get_num_threads()}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -138,19 +129,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()
     # A small matmul keeps --quick fast; the full run uses flops.py's default 1024 x 1024.
     peak_size = 256 if args.quick else 1024
-    peak_start = measure_matmul_peak(PEAK_DTYPE, n=peak_size)
+    peaks = [measure_matmul_peak(PEAK_DTYPE, n=peak_size)]
+    peak_run, peak_flops = matmul_chain(PEAK_DTYPE, n=peak_size)
 
     train_cfgs = quick_configs() if args.quick else [bench_512(), llama_6m()]
     steps = 2 if args.quick else 5
-    train = [bench_train(cfg, steps) for cfg in train_cfgs]
+    train = []
+    for cfg in train_cfgs:
+        run, peak_seconds = bench_train(cfg, steps, peak_run)
+        train.append(run)
+        peaks.append(peak_flops / peak_seconds)
 
     llama = train_cfgs[1]
     tokens = random_tokens(llama.model.vocab_size, (llama.data.batch_size, llama.data.seq_len), seed=1)
-    ours = bench_forward(llama, tokens)
-    hf = "skipped (--quick)" if args.quick else bench_hf_forward(llama.model, tokens)
+    runners = {"ours": forward_runner(llama, tokens)}
+    hf = "skipped (--quick)" if args.quick else hf_llama_runner(llama.model, tokens)
+    if isinstance(hf, tuple):
+        runners["hf"], hf = hf
+    forward_seconds = interleaved_best({**runners, "peak": peak_run}, FORWARD_REPEATS)
+    ours = tokens.size / forward_seconds["ours"]
 
-    peak_end = measure_matmul_peak(PEAK_DTYPE, n=peak_size)
-    peak = max(peak_start, peak_end)
+    peaks += [peak_flops / forward_seconds["peak"], measure_matmul_peak(PEAK_DTYPE, n=peak_size)]
+    peak = max(peaks)
     for run in train:
         run["mfu"] = run["tokens_per_s"] * run["flops_per_token"] / peak
     forward_flops = forward_flops_per_token(llama.model, llama.data.seq_len)
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "seq_len": tokens.shape[1], "repeats": FORWARD_REPEATS, "tokens_per_s": ours,
                "flops_per_token": forward_flops, "mfu": ours * forward_flops / peak}
     if isinstance(hf, dict):
+        hf["tokens_per_s"] = tokens.size / forward_seconds["hf"]
         hf["mfu"] = hf["tokens_per_s"] * forward_flops / peak
         forward["ratio_vs_hf"] = ours / hf["tokens_per_s"]
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "matmul_peak_flops": peak,
         "matmul_peak_dtype": PEAK_DTYPE,
         "matmul_peak_size": peak_size,
-        "matmul_peak_start_end": [peak_start, peak_end],
+        "matmul_peak_measurements": peaks,  # start, with each train config, with the forward, end
         "mfu_target": MFU_TARGET,
         "train": train,
         "forward": forward,

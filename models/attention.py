@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.causal_attention import causal_attention, grouped, ungrouped
 from models.config import ModelConfig
 from models.kernels.decode_attention import decode_attention
 from models.kernels.flash_attention import flash_attention
@@ -40,24 +41,20 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_lengths: 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                   kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
-    """Softmax attention in plain jnp, fp32 logits and softmax.
+    """Softmax attention in plain jnp, fp32 logits and softmax, for any positions (and a KV cache).
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; positions and lengths as in `attention_mask` -> [B, T, N, H].
-    Masked logits are -inf; every query sees at least itself, so no row is fully masked.
+    Masked logits are -inf; every query sees at least itself, so no row is fully masked. The grouped
+    layout (`grouped`) makes the scores one plain batched matmul per kv head, K/V never repeated.
     """
     b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    g = n // kv_heads
+    kv_heads, s = k.shape[2], k.shape[1]
     mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)
-    # Stack each group's query heads into the rows, [B, K, G*T, H]: the scores become one plain
-    # batched matmul per kv head (about 3x faster on CPU than a 5-D einsum with G as its own axis).
-    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
-    logits = jnp.einsum("bkqh,bskh->bkqs", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-    logits = logits.reshape(b, kv_heads, g, t, s)
-    logits = jnp.where(mask[:, None, None, :, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
-    out = jnp.einsum("bkqs,bskh->bkqh", probs, v)
-    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    logits = jnp.einsum("bkqh,bksh->bkqs", grouped(q, kv_heads), k.transpose(0, 2, 1, 3),
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits = jnp.where(mask[:, None, :, None, :], logits.reshape(b, kv_heads, t, n // kv_heads, s), -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, -1, s)
+    return ungrouped(jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3)), t)
 
 
 # Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window): the mask
@@ -105,6 +102,9 @@ ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    # The caller's promise that positions are 0..T-1 in every row and there is no cache (the model's
+    # default): the xla path then skips fully masked blocks (`causal_attention`).
+    consecutive: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
@@ -141,11 +141,15 @@ class Attention(nn.Module):
             keys, values, kv_positions, kv_lengths = k_new, v_new, positions, None
         else:
             cache = cache.append(k_new, v_new)
-            keys, values, kv_lengths = cache.k.astype(dtype), cache.v.astype(dtype), cache.lengths
+            keys, values = (x.astype(dtype) for x in cache.sequence())  # rows may share slots (beams)
+            kv_lengths = cache.lengths
             kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                             (x.shape[0], cache.max_len))
-        out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, positions, kv_positions, kv_lengths,
-                                                cfg.sliding_window)
+        if self.consecutive and cache is None and cfg.attention_impl == "xla":
+            out = causal_attention(q, keys, values, cfg.sliding_window)
+        else:
+            out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, positions, kv_positions, kv_lengths,
+                                                    cfg.sliding_window)
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
         return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), cache

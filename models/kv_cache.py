@@ -4,6 +4,13 @@ Slot j of a row holds the key/value of that row's position j, so positions doubl
 Rows of a batch can hold different lengths (ragged prompts): a write of T tokens goes to slots
 [length, length + T) of each row, and attention masks slots at or beyond a row's length.
 With a sliding window the cache still keeps every slot; the window is applied by the mask.
+
+Rows may share slots (`share_slots`, for beam search): `rows[b, j]` names the row whose slot j holds
+position j of row b's sequence, so moving a sequence to another row (`reorder`) moves [B, S] indices
+instead of every cached key and value. Attention reads a row's sequence through `sequence()`, a gather
+that XLA fuses into the copy the attention makes of the cache anyway. Writes always go to the row's own
+slots: positions [length, ...) of a row are referenced by no other row, as all rows that share slots
+(the beams of one prompt) have the same length.
 """
 
 from __future__ import annotations
@@ -20,10 +27,18 @@ class KVCache:
     k: jax.Array  # [B, S_max, K, H]
     v: jax.Array  # [B, S_max, K, H]
     lengths: jax.Array  # [B] int32: valid slots per row
+    rows: jax.Array | None = None  # [B, S_max] int32: the row holding each slot of row b's sequence; None: b
 
     @property
     def max_len(self) -> int:
         return self.k.shape[1]
+
+    def sequence(self) -> tuple[jax.Array, jax.Array]:
+        """Each row's keys and values by position: ([B, S_max, K, H], [B, S_max, K, H])."""
+        if self.rows is None:
+            return self.k, self.v
+        slots = jnp.arange(self.max_len)[None, :]
+        return self.k[self.rows, slots], self.v[self.rows, slots]
 
     def append(self, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
         """Writes k_new, v_new: [B, T, K, H] at each row's current length; lengths += T.
@@ -36,7 +51,20 @@ class KVCache:
 
         k = jax.vmap(write)(self.k, k_new, self.lengths)
         v = jax.vmap(write)(self.v, v_new, self.lengths)
-        return KVCache(k=k, v=v, lengths=self.lengths + k_new.shape[1])
+        rows = self.rows
+        if rows is not None:  # the new slots are the row's own
+            own = jnp.broadcast_to(jnp.arange(rows.shape[0], dtype=rows.dtype)[:, None], rows.shape)
+            slots = jnp.arange(self.max_len)
+            rows = jnp.where((slots >= self.lengths[:, None]) & (slots < self.lengths[:, None] + k_new.shape[1]),
+                             own, rows)
+        return KVCache(k=k, v=v, lengths=self.lengths + k_new.shape[1], rows=rows)
+
+    def reorder(self, rows: jax.Array) -> "KVCache":
+        """Row b continues the sequence of row rows[b] (rows: [B] int32): with shared slots only the
+        [B, S_max] indices move, else the keys and values are gathered."""
+        if self.rows is None:
+            return KVCache(k=self.k[rows], v=self.v[rows], lengths=self.lengths[rows])
+        return KVCache(k=self.k, v=self.v, lengths=self.lengths[rows], rows=self.rows[rows])
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None,
@@ -55,6 +83,14 @@ def with_lengths(caches: tuple[KVCache, ...], lengths: jax.Array) -> tuple[KVCac
     """Sets every layer's per-row lengths, e.g. to the true prompt lengths after a padded prefill."""
     lengths = jnp.asarray(lengths, jnp.int32)
     return tuple(c.replace(lengths=lengths) for c in caches)
+
+
+def share_slots(caches: tuple[KVCache, ...]) -> tuple[KVCache, ...]:
+    """The caches with `rows` set (each row its own), so that `reorder` moves indices, not keys and values."""
+    def own_rows(c: KVCache) -> jax.Array:
+        return jnp.broadcast_to(jnp.arange(c.k.shape[0], dtype=jnp.int32)[:, None], c.k.shape[:2])
+
+    return tuple(c.replace(rows=own_rows(c)) for c in caches)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: str | jnp.dtype | None = None) -> int:

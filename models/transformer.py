@@ -23,6 +23,7 @@ from models.kv_cache import KVCache
 from models.mlp import MLP
 from models.moe import MoE
 from models.norms import make_norm
+from models.rows import ROW_MIN_TOKENS, row_by_row
 from models.sharding import constrain, param_with_axes
 
 Aux = dict[str, Any]
@@ -32,6 +33,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     moe: bool = False  # a mixture-of-experts FFN instead of the dense MLP
     train: bool = False
+    consecutive: bool = False  # positions are 0..T-1 in every row and there is no cache (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
@@ -40,7 +42,7 @@ class Block(nn.Module):
         cfg = self.cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "attn_norm")(x)
-        h, cache = Attention(cfg, name="attn")(h, positions, cache)
+        h, cache = Attention(cfg, self.consecutive, name="attn")(h, positions, cache)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "mlp_norm")(x)
         if self.moe:
@@ -52,17 +54,32 @@ class Block(nn.Module):
         return constrain(x, ("batch", "length", "act_embed")), cache, aux
 
 
+def _block_by_row(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """A dense block without a cache, one batch row at a time (models/rows.py): x: [B, T, D] -> [B, T, D].
+
+    Same parameters (broadcast to every row) and same result as block(x, positions, None).
+    """
+    def row(module: Block, carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        return carry, module(xs[0][None], xs[1][None], None)[0][0]
+
+    scan = nn.scan(row, variable_broadcast="params", split_rngs={"params": False})
+    return scan(block, None, (x, positions))[1]
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: tuple[KVCache, ...] | None = None,
-                 input_embeddings: jax.Array | None = None, train: bool = False) -> tuple[jax.Array, Any, Aux]:
+                 input_embeddings: jax.Array | None = None, train: bool = False,
+                 return_hidden: bool = False) -> tuple[jax.Array, Any, Aux]:
         """tokens: [B, T] int -> (logits [B, T, V] fp32, updated caches or None, aux).
 
         input_embeddings: [B, T, D] used instead of looking up `tokens` (gradient probes, soft prompts).
         train: training-only behaviour (router noise and jitter, the training capacity factor).
+        return_hidden: return the final-norm hidden states [B, T, D] (compute dtype) instead of the
+        logits; the training loss applies the head (`head_weight`) to them in chunks.
 
         positions: [B, T]; default arange(T) without a cache. With a cache, positions are always
         each row's cached length + arange(T), because a position is also its cache slot.
@@ -70,6 +87,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         t = tokens.shape[1]
+        consecutive = cache is None and positions is None  # static: attention may skip masked blocks
         if cache is not None:
             positions = cache[0].lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
         elif positions is None:
@@ -87,10 +105,16 @@ class Transformer(nn.Module):
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_cache = []
         aux: Aux = {"losses": {}, "stats": {}}
+        # Dense blocks over long rows run one row at a time on one CPU device (models/rows.py); MoE blocks
+        # route and balance over the whole batch, and a KV cache is written a step at a time.
+        by_row = cache is None and t >= ROW_MIN_TOKENS and row_by_row()
         for i in range(cfg.num_layers):
             name = f"block_{i}"
-            x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, name=name)(
-                x, positions, None if cache is None else cache[i])
+            block = block_cls(cfg, cfg.is_moe_layer(i), train, consecutive, name=name)
+            if by_row and not cfg.is_moe_layer(i):
+                x, layer_cache, layer_aux = _block_by_row(block, x, positions), None, {}
+            else:
+                x, layer_cache, layer_aux = block(x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             for kind in ("losses", "stats"):
                 aux[kind].update({f"moe/{name}/{key}": v for key, v in layer_aux.get(kind, {}).items()})
@@ -98,14 +122,22 @@ class Transformer(nn.Module):
                 aux.setdefault("router_bias", {})[name] = layer_aux["router_bias"]
 
         x = make_norm(cfg.norm, cfg.norm_eps, pdtype, "final_norm")(x)
+        new_cache = tuple(new_cache) if cache is not None else None
+        if return_hidden:
+            return x, new_cache, aux
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             w = self.param("lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
                            (cfg.d_model, cfg.vocab_size), pdtype)
             logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        return logits, (tuple(new_cache) if cache is not None else None), aux
+        return constrain(logits, ("batch", "length", "act_vocab")), new_cache, aux
+
+
+def head_weight(cfg: ModelConfig, params: Any) -> jax.Array:
+    """The LM head as a [D, V] matrix in the compute dtype: logits = hidden @ head_weight."""
+    w = params["embed"]["table"].T if cfg.tie_embeddings else params["lm_head"]
+    return w.astype(cfg.dtype)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:

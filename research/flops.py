@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return train_flops_per_token(cfg, seq_len) / 3.0
 
 
-def measure_matmul_peak(dtype: str = "float32", n: int = 1024, chain: int = 8, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of a jitted chain of n x n matmuls on the default device."""
+def matmul_chain(dtype: str = "float32", n: int = 1024, chain: int = 8) -> tuple[Callable[[], None], float]:
+    """A compiled chain of n x n matmuls on the default device: (a runner that blocks until done, its FLOPs)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype)) / n ** 0.5
 
     @jax.jit
@@ -37,10 +38,16 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 1024, chain: int = 8, r
             x = x @ a
         return x
 
-    run(a).block_until_ready()
+    run(a).block_until_ready()  # compile
+    return lambda: run(a).block_until_ready(), 2.0 * n ** 3 * chain
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 1024, chain: int = 8, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of a jitted chain of n x n matmuls on the default device."""
+    run, flops = matmul_chain(dtype, n, chain)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        run(a).block_until_ready()
+        run()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n ** 3 * chain / best
+    return flops / best

@@ -13,8 +13,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.sharding import DEFAULT_RULES, Rules, logical_shardings
-from models.transformer import Transformer, with_router_biases
+from models.transformer import Transformer, head_weight, with_router_biases
 from research.config import OptimConfig, TrainConfig
+from research.head_loss import head_nll_sum
 from research.mesh import batch_sharding
 from research.metrics import cross_entropy
 
@@ -83,10 +84,13 @@ def lm_loss(model: Transformer, params: Any, batch: jax.Array,
             rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux)), in training mode.
 
-    rng: the step's key, for the MoE router noise and jitter.
+    rng: the step's key, for the MoE router noise and jitter. The head and the cross-entropy are
+    applied a chunk of positions at a time (`head_nll_sum`): the [B, T, V] logits are never stored.
     """
-    logits, _, aux = model.apply({"params": params}, batch[:, :-1], train=True, rngs={"router": rng})
-    nll = jnp.mean(cross_entropy(logits, batch[:, 1:]))
+    hidden, _, aux = model.apply({"params": params}, batch[:, :-1], train=True, rngs={"router": rng},
+                                 return_hidden=True)
+    targets = batch[:, 1:]
+    nll = head_nll_sum(hidden, head_weight(model.cfg, params), targets) / targets.size
     total = nll + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
     return total, (nll, aux)
 

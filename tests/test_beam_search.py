@@ -8,6 +8,7 @@ whole-model tolerance), tokens exactly.
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from decoding.beam_search import BeamConfig, beam_search, top_k_small
 from decoding.generate import generate
 from decoding.processors import BannedBigrams
 from models.config import ModelConfig
+from models.kv_cache import KVCache, share_slots
 from models.transformer import Transformer, init_params, unbox
 
 ATOL_MODEL = 1e-4
@@ -96,6 +98,21 @@ def test_one_beam_equals_greedy():
                       beam=BeamConfig(num_beams=1, length_penalty="none"))
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     np.testing.assert_allclose(out.scores, greedy.scores, atol=ATOL_MODEL)
+
+
+def test_shared_slots_hold_the_same_sequences_as_gathered_caches():
+    rng = np.random.default_rng(0)
+    kv = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    gathered = KVCache(k=kv(4, 6, 2, 3), v=kv(4, 6, 2, 3), lengths=jnp.full((4,), 2, jnp.int32))
+    (shared,) = share_slots((gathered,))
+    for parents in ([2, 2, 0, 1], [1, 0, 3, 3], [3, 3, 3, 0]):
+        k_new, v_new = kv(4, 1, 2, 3), kv(4, 1, 2, 3)
+        parents = jnp.asarray(parents)
+        gathered = gathered.reorder(parents).append(k_new, v_new)
+        shared = shared.reorder(parents).append(k_new, v_new)
+        np.testing.assert_array_equal(shared.lengths, gathered.lengths)
+        for got, want in zip(shared.sequence(), gathered.sequence()):
+            np.testing.assert_array_equal(got[:, :5], want[:, :5])  # the 5 written slots of every row
 
 
 @pytest.mark.parametrize("n, k", [(12, 4), (8000, 8)])

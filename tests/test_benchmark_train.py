@@ -19,7 +19,8 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert results["quick"] is True
     assert results["hf"] == "skipped (--quick)"
     assert results["matmul_peak_dtype"] == "float32"
-    assert results["matmul_peak_flops"] == max(results["matmul_peak_start_end"]) > 0
+    assert results["matmul_peak_flops"] == max(results["matmul_peak_measurements"]) > 0
+    assert len(results["matmul_peak_measurements"]) == 2 + len(results["train"]) + 1
     assert len(results["train"]) == 2
     for run in results["train"] + [results["forward"]]:
         assert {"name", "config", "batch_size", "seq_len", "tokens_per_s", "flops_per_token", "mfu"} <= set(run)

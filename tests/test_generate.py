@@ -6,11 +6,14 @@ raised so its next-token distributions are peaked and greedy choices are not nea
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from decoding.generate import check_prompt, generate, greedy_by_recompute
+from decoding.prefill import decode_step, prefill
 from decoding.processors import BannedBigrams, RepetitionPenalty
+from decoding.rowwise import MAX_ROWS, rowwise
 from decoding.sampling import SamplerConfig, make_sampler
 from models.config import ModelConfig
 from models.transformer import Transformer, init_params, unbox
@@ -49,6 +52,31 @@ def sample(params, key, processors=INERT, **values):
     _, sampling = make_sampler(2, **values)
     return generate(params, CFG, prompt, lengths, key, max_new_tokens=M, sampler=ALL_FILTERS,
                     sampling=sampling, num_samples=2, processors=processors)
+
+
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 2])  # one row, split rows, one 2-D matmul
+def test_decode_step_equals_the_plain_model(params, rows):
+    prompt, lengths = padded([[5, 9, 2, 7, 1, 3]])
+    cache, _ = prefill(params, CFG, prompt, lengths, 4, rows)
+    tokens = jnp.arange(rows, dtype=jnp.int32) % CFG.vocab_size
+    logits, new_cache = jax.jit(decode_step, static_argnums=1)(params, CFG, tokens, cache)
+    expected, expected_cache, _ = Transformer(CFG).apply({"params": params}, tokens[:, None], cache=cache)
+    np.testing.assert_allclose(logits, expected[:, 0], atol=1e-5)
+    for got, want in zip(jax.tree.leaves(new_cache), jax.tree.leaves(expected_cache)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rowwise_matmuls_match_einsum():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)  # 6 rows
+    for spec, w_shape in [("abnh,hnd->abd", (5, 4, 7)),  # contracting dims in another order than w's
+                          ("abnh,dnh->abd", (7, 4, 5)),  # w stored [n, k] (a tied embedding's `attend`)
+                          ("abnh,nd->abdh", (4, 7))]:
+        w = np.random.default_rng(1).normal(size=w_shape).astype(np.float32)
+        fn = lambda x, w: jnp.einsum(spec, x, w)
+        np.testing.assert_allclose(jax.jit(rowwise(fn))(x, w), fn(x, w), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(jax.jit(rowwise(fn))(x[:1, :2], w), fn(x[:1, :2], w), rtol=1e-6, atol=1e-6)
+    batched = lambda x: jnp.einsum("abnh,abmh->abnm", x, x)  # batch dims: not a weight matmul, left alone
+    np.testing.assert_allclose(jax.jit(rowwise(batched))(x), batched(x), rtol=1e-6, atol=1e-6)
 
 
 def test_cached_decoding_equals_full_recompute(params, greedy):

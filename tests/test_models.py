@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models import attention, causal_attention, transformer
 from models.attention import attention_mask, xla_attention
 from models.config import ConfigError, ModelConfig
 from models.kv_cache import init_cache, kv_cache_bytes, with_lengths
@@ -66,6 +67,71 @@ def test_attention_matches_naive_reference(kv_heads, window):
     out = xla_attention(q, k, v, jnp.asarray(pos), jnp.asarray(pos), None, window)
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask),
                                atol=OP_TOL, rtol=OP_TOL)
+
+
+@pytest.mark.parametrize("by_row", [True, False])
+@pytest.mark.parametrize("kv_heads,window", [(4, 0), (2, 0), (1, 0), (2, 5), (1, 11)])
+def test_block_skipping_causal_attention_matches_reference(kv_heads, window, by_row, monkeypatch):
+    """Blocks of 4 queries over 18 positions: full, partial and (with a window) left-skipped blocks;
+    the recomputing backward pass against autodiff of the plain masked attention."""
+    monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(causal_attention, "row_by_row", lambda: by_row)
+    rng = np.random.default_rng(1)
+    b, t, n, h = 2, 18, 4, 8
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    k = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
+    v = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(pos, pos, None, window)
+    out = causal_attention.causal_attention(q, k, v, window)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, mask), atol=OP_TOL, rtol=OP_TOL)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    grads = jax.grad(loss(lambda q, k, v: causal_attention.causal_attention(q, k, v, window)),
+                     argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, pos, pos, None, window)),
+                        argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, atol=OP_TOL, rtol=OP_TOL)
+
+
+def test_default_positions_take_the_block_skipping_path_with_same_result(monkeypatch):
+    """positions=None (consecutive, skips masked blocks) equals the same positions passed explicitly."""
+    monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
+    cfg = dataclasses.replace(TINY, sliding_window=6)
+    params = params_for(cfg)
+    calls = []
+    blocked = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *args: calls.append(1) or blocked(*args))
+    tokens = jax.random.randint(jax.random.key(3), (2, 13), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(13), tokens.shape)
+    model = Transformer(cfg)
+    explicit = model.apply({"params": params}, tokens, positions)[0]
+    assert not calls  # explicit positions could be anything: the general masked path
+    implicit = model.apply({"params": params}, tokens)[0]
+    assert len(calls) == cfg.num_layers
+    np.testing.assert_allclose(implicit, explicit, atol=MODEL_TOL, rtol=MODEL_TOL)
+
+
+def test_row_by_row_blocks_equal_batched(monkeypatch):
+    """The loop over batch rows (models/rows.py) changes the schedule, not the parameters or the math."""
+    params = params_for(TINY)
+    tokens = jax.random.randint(jax.random.key(4), (3, 9), 0, TINY.vocab_size)
+
+    def loss(p):
+        logits = Transformer(TINY).apply({"params": p}, tokens)[0]
+        return jnp.mean(cross_entropy(logits, tokens))
+
+    results = {}
+    for by_row in (False, True):
+        monkeypatch.setattr(transformer, "ROW_MIN_TOKENS", 1 if by_row else 10 ** 9)
+        assert jax.tree.structure(params_for(TINY)) == jax.tree.structure(params)
+        results[by_row] = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=MODEL_TOL, rtol=MODEL_TOL)
+    for got, want in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+        np.testing.assert_allclose(got, want, atol=MODEL_TOL, rtol=MODEL_TOL)
 
 
 @pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal"])
