@@ -69,8 +69,8 @@ def test_attention_matches_naive_reference(kv_heads, window):
                                atol=OP_TOL, rtol=OP_TOL)
 
 
-@pytest.mark.parametrize("by_row", [True, False])
-@pytest.mark.parametrize("kv_heads,window", [(4, 0), (2, 0), (1, 0), (2, 5), (1, 11)])
+@pytest.mark.parametrize("kv_heads,window,by_row", [(4, 0, False), (2, 0, True), (1, 0, False), (2, 5, True),
+                                                    (1, 11, False)])
 def test_block_skipping_causal_attention_matches_reference(kv_heads, window, by_row, monkeypatch):
     """Blocks of 4 queries over 18 positions: full, partial and (with a window) left-skipped blocks;
     the recomputing backward pass against autodiff of the plain masked attention."""
@@ -83,16 +83,16 @@ def test_block_skipping_causal_attention_matches_reference(kv_heads, window, by_
     v = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = attention_mask(pos, pos, None, window)
-    out = causal_attention.causal_attention(q, k, v, window)
+    out = jax.jit(causal_attention.causal_attention, static_argnums=3)(q, k, v, window)
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask), atol=OP_TOL, rtol=OP_TOL)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
-    grads = jax.grad(loss(lambda q, k, v: causal_attention.causal_attention(q, k, v, window)),
-                     argnums=(0, 1, 2))(q, k, v)
-    expected = jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, pos, pos, None, window)),
-                        argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss(lambda q, k, v: causal_attention.causal_attention(q, k, v, window)),
+                             argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.jit(jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, pos, pos, None, window)),
+                                argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=OP_TOL, rtol=OP_TOL)
 
@@ -108,9 +108,9 @@ def test_default_positions_take_the_block_skipping_path_with_same_result(monkeyp
     tokens = jax.random.randint(jax.random.key(3), (2, 13), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(13), tokens.shape)
     model = Transformer(cfg)
-    explicit = model.apply({"params": params}, tokens, positions)[0]
+    explicit = jax.jit(model.apply)({"params": params}, tokens, positions)[0]
     assert not calls  # explicit positions could be anything: the general masked path
-    implicit = model.apply({"params": params}, tokens)[0]
+    implicit = jax.jit(model.apply)({"params": params}, tokens)[0]
     assert len(calls) == cfg.num_layers
     np.testing.assert_allclose(implicit, explicit, atol=MODEL_TOL, rtol=MODEL_TOL)
 
@@ -128,7 +128,7 @@ def test_row_by_row_blocks_equal_batched(monkeypatch):
     for by_row in (False, True):
         monkeypatch.setattr(transformer, "ROW_MIN_TOKENS", 1 if by_row else 10 ** 9)
         assert jax.tree.structure(params_for(TINY)) == jax.tree.structure(params)
-        results[by_row] = jax.value_and_grad(loss)(params)
+        results[by_row] = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(results[True][0], results[False][0], atol=MODEL_TOL, rtol=MODEL_TOL)
     for got, want in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
         np.testing.assert_allclose(got, want, atol=MODEL_TOL, rtol=MODEL_TOL)
