@@ -1,4 +1,5 @@
-"""Pieces every benchmark shares: random batches, a compiled train-step runner, and the run environment."""
+"""Pieces every benchmark shares: random batches, compiled train-step and forward runners, round-robin
+timing, and the run environment."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from models.transformer import Transformer, init_params, unbox
 from research.config import MeshConfig, TrainConfig
 from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, library_versions
@@ -46,6 +48,17 @@ def train_runner(cfg: TrainConfig, steps: int, warmup: int = 3) -> Callable[[], 
 
 
 Runner = Callable[[], None]  # does a fixed amount of work and blocks until it is done
+
+
+def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
+    """Our forward in evaluation mode (full [B, T, V] fp32 logits, as HF's), compiled; random params."""
+    model = Transformer(cfg.model)
+    # A compiled init: run op by op, init compiles every op separately (slow on CPU).
+    params = jax.jit(lambda key: unbox(init_params(cfg.model, key)))(jax.random.key(0))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    x = jax.device_put(tokens)
+    forward(params, x).block_until_ready()  # compile
+    return lambda: forward(params, x).block_until_ready()
 
 
 def interleaved_best(runners: dict[str, Runner], repeats: int) -> dict[str, float]:

@@ -30,9 +30,9 @@ import matplotlib
 import numpy as np
 
 from decoding.beam_search import BeamConfig, beam_search
-from experiments.bench_common import environment
 from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
+from experiments.bench_common import environment
 from models.config import ModelConfig
 from models.transformer import init_params, unbox
 from research.hf_checkpoint import save_weights

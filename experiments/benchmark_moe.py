@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.bench_common import Runner, environment, interleaved_best, random_tokens, train_runner
+from experiments.bench_common import (Runner, environment, forward_runner, interleaved_best, random_tokens,
+                                     train_runner)
 from models.config import ModelConfig
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
-from models.transformer import Transformer, init_params, unbox
+from models.transformer import unbox
 from research.config import TrainConfig, to_dict
 from research.run_record import write_json_atomic
 
@@ -91,16 +92,6 @@ def einsum_dispatch_moe(cfg: ModelConfig, params: dict[str, jax.Array], x: jax.A
 def jitted_init(module: Any, *args: Any) -> Any:
     """Parameters from a compiled init: run op by op, init compiles every op separately (slow on CPU)."""
     return jax.jit(lambda key: unbox(module.init(key, *args)["params"]))(jax.random.key(0))
-
-
-def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
-    """Our forward (logits only, evaluation mode), fp32, compiled."""
-    model = Transformer(cfg.model)
-    params = jax.jit(lambda key: unbox(init_params(cfg.model, key)))(jax.random.key(0))
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-    x = jax.device_put(tokens)
-    forward(params, x).block_until_ready()  # compile
-    return lambda: forward(params, x).block_until_ready()
 
 
 def layer_runner(fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array) -> Runner:

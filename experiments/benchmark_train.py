@@ -21,13 +21,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from configs.presets import bench_512, smoke
-from experiments.bench_common import Runner, environment, interleaved_best, random_tokens, train_runner
+from experiments.bench_common import (Runner, environment, forward_runner, interleaved_best, random_tokens,
+                                     train_runner)
 from models.config import ModelConfig
-from models.transformer import Transformer, init_params, unbox
 from research.config import DataConfig, TrainConfig, to_dict
 from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
 from research.run_record import write_json_atomic
@@ -64,16 +63,6 @@ def bench_train(cfg: TrainConfig, steps: int, peak: Runner) -> tuple[dict[str, A
     return {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
             "repeats": REPEATS, "seconds": seconds["train"], "tokens_per_s": b * t * steps / seconds["train"],
             "flops_per_token": train_flops_per_token(cfg.model, t)}, seconds["peak"]
-
-
-def forward_runner(cfg: TrainConfig, tokens: np.ndarray) -> Runner:
-    """Our forward (full [B, T, V] fp32 logits, as HF's), compiled."""
-    model = Transformer(cfg.model)
-    params = unbox(init_params(cfg.model, jax.random.key(0)))
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-    x = jax.device_put(tokens)
-    forward(params, x).block_until_ready()  # compile
-    return lambda: forward(params, x).block_until_ready()
 
 
 def hf_llama_runner(model_cfg: ModelConfig, tokens: np.ndarray) -> tuple[Runner, dict[str, Any]] | str:

@@ -50,14 +50,18 @@ def reference_attention(q, k, v, mask):
     return out
 
 
+def random_qkv(seed, b, t, kv_heads, n=4, h=8):
+    """q [b, t, n, h], k and v [b, t, kv_heads, h]: standard normal fp32."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(b, t, n, h)).astype(np.float32),
+            *(rng.normal(size=(b, t, kv_heads, h)).astype(np.float32) for _ in range(2)))
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("window", [0, 3])
 def test_attention_matches_naive_reference(kv_heads, window):
-    rng = np.random.default_rng(0)
-    b, t, n, h = 2, 7, 4, 8
-    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
-    k = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
-    v = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
+    b, t = 2, 7
+    q, k, v = random_qkv(0, b, t, kv_heads)
     pos = np.broadcast_to(np.arange(t), (b, t))
     mask = attention_mask(jnp.asarray(pos), jnp.asarray(pos), None, window)
     expected_mask = (pos[0][None, :] <= pos[0][:, None])
@@ -76,11 +80,8 @@ def test_block_skipping_causal_attention_matches_reference(kv_heads, window, by_
     the recomputing backward pass against autodiff of the plain masked attention."""
     monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
     monkeypatch.setattr(causal_attention, "row_by_row", lambda: by_row)
-    rng = np.random.default_rng(1)
-    b, t, n, h = 2, 18, 4, 8
-    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
-    k = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
-    v = rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)
+    b, t = 2, 18
+    q, k, v = random_qkv(1, b, t, kv_heads)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = attention_mask(pos, pos, None, window)
     out = jax.jit(causal_attention.causal_attention, static_argnums=3)(q, k, v, window)

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import pytest
 import research.train as train_mod
 from configs import get_config, list_configs
 from research.checkpoint import Checkpointer
-from research.config import DataConfig, apply_overrides
+from research.config import apply_overrides
 from research.train import NonFiniteLossError, main, train
 
 
