@@ -5,9 +5,7 @@ cut into blocks and each block multiplies only the keys it can see (up to its la
 first query's window start): about half the work of the full [T, T] score matrix for causal
 attention, less with a sliding window. The backward pass recomputes each block's probabilities from
 the saved log-sum-exp (as flash attention does) instead of storing them: 7 matmuls instead of 6, but
-the saved scores, and the memory traffic to write and read them back, are gone. On one CPU device the
-rows of the batch go one at a time (`lax.map`, see models/rows.py), so that a block's scores stay in
-cache.
+the saved scores, and the memory traffic to write and read them back, are gone.
 
 Layout: each kv head's G query heads are stacked into rows t-major, [B, K, T * G, H] (`grouped`), so
 the scores are one plain batched matmul per kv head (about 3x faster on CPU than a 5-D einsum with G
@@ -17,12 +15,11 @@ as its own axis) and a block of queries is a contiguous run of rows.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from models.rows import row_by_row
 
 # Query positions per block: small blocks skip more of the masked triangle and keep a block's scores
 # in cache; MAX_QUERY_BLOCKS bounds the unrolled program for long sequences.
@@ -47,7 +44,6 @@ class _Spec(NamedTuple):
 
     window: int  # 0: full causal
     block: int  # query positions per block
-    by_row: bool  # loop over the batch rows (`models.rows.row_by_row`)
 
     def blocks(self, t: int) -> Iterator[tuple[int, int, int]]:
         """(start, end, first): queries [start, end) see keys [first, end)."""
@@ -63,17 +59,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: i
     the positions are consecutive (the model passes it down): this is never decided from values.
     """
     t, kv_heads = q.shape[1], k.shape[2]
-    spec = _Spec(sliding_window, max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)), q.shape[0] > 1 and row_by_row())
+    spec = _Spec(sliding_window, max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)))
     out = _blocked(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), spec)
     return ungrouped(out, t)
-
-
-def _map_rows(fn: Callable[..., Any], spec: _Spec, *args: jax.Array) -> Any:
-    """fn over [B, ...] arrays, or over one-row slices of them in a `lax.map` when spec.by_row."""
-    if not spec.by_row:
-        return fn(*args)
-    one_row = jax.lax.map(lambda row: fn(*(a[None] for a in row)), args)
-    return jax.tree.map(lambda x: x[:, 0], one_row)
 
 
 def _masked_logits(q: jax.Array, k: jax.Array, start: int, end: int, first: int, window: int) -> jax.Array:
@@ -134,16 +122,16 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> jax.Array:
     """Grouped q: [B, K, T * G, H]; k, v: [B, K, T, H] -> [B, K, T * G, H]."""
-    return _map_rows(lambda *a: _forward(*a, spec), spec, q, k, v)[0]
+    return _forward(q, k, v, spec)[0]
 
 
 def _blocked_fwd(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax.Array, tuple]:
-    out, lse = _map_rows(lambda *a: _forward(*a, spec), spec, q, k, v)
+    out, lse = _forward(q, k, v, spec)
     return out, (q, k, v, out, lse)
 
 
 def _blocked_bwd(spec: _Spec, residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return _map_rows(lambda *a: _backward(*a, spec), spec, *residuals, d_out)
+    return _backward(*residuals, d_out, spec)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

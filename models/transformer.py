@@ -23,7 +23,6 @@ from models.kv_cache import KVCache
 from models.mlp import MLP
 from models.moe import MoE
 from models.norms import make_norm
-from models.rows import ROW_MIN_TOKENS, row_by_row
 from models.sharding import constrain, param_with_axes
 
 Aux = dict[str, Any]
@@ -52,18 +51,6 @@ class Block(nn.Module):
                          name="mlp")(h), {}
         x = x + h
         return constrain(x, ("batch", "length", "act_embed")), cache, aux
-
-
-def _block_by_row(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """A dense block without a cache, one batch row at a time (models/rows.py): x: [B, T, D] -> [B, T, D].
-
-    Same parameters (broadcast to every row) and same result as block(x, positions, None).
-    """
-    def row(module: Block, carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        return carry, module(xs[0][None], xs[1][None], None)[0][0]
-
-    scan = nn.scan(row, variable_broadcast="params", split_rngs={"params": False})
-    return scan(block, None, (x, positions))[1]
 
 
 class Transformer(nn.Module):
@@ -105,16 +92,10 @@ class Transformer(nn.Module):
         block_cls = nn.remat(Block) if cfg.remat else Block
         new_cache = []
         aux: Aux = {"losses": {}, "stats": {}}
-        # Dense blocks over long rows run one row at a time on one CPU device (models/rows.py); MoE blocks
-        # route and balance over the whole batch, and a KV cache is written a step at a time.
-        by_row = cache is None and t >= ROW_MIN_TOKENS and row_by_row()
         for i in range(cfg.num_layers):
             name = f"block_{i}"
-            block = block_cls(cfg, cfg.is_moe_layer(i), train, consecutive, name=name)
-            if by_row and not cfg.is_moe_layer(i):
-                x, layer_cache, layer_aux = _block_by_row(block, x, positions), None, {}
-            else:
-                x, layer_cache, layer_aux = block(x, positions, None if cache is None else cache[i])
+            x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, consecutive, name=name)(
+                x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             for kind in ("losses", "stats"):
                 aux[kind].update({f"moe/{name}/{key}": v for key, v in layer_aux.get(kind, {}).items()})

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, causal_attention, transformer
+from models import attention, causal_attention
 from models.attention import attention_mask, xla_attention
 from models.config import ConfigError, ModelConfig
 from models.kv_cache import init_cache, kv_cache_bytes, with_lengths
@@ -73,13 +73,11 @@ def test_attention_matches_naive_reference(kv_heads, window):
                                atol=OP_TOL, rtol=OP_TOL)
 
 
-@pytest.mark.parametrize("kv_heads,window,by_row", [(4, 0, False), (2, 0, True), (1, 0, False), (2, 5, True),
-                                                    (1, 11, False)])
-def test_block_skipping_causal_attention_matches_reference(kv_heads, window, by_row, monkeypatch):
+@pytest.mark.parametrize("kv_heads,window", [(4, 0), (2, 0), (1, 0), (2, 5), (1, 11)])
+def test_block_skipping_causal_attention_matches_reference(kv_heads, window, monkeypatch):
     """Blocks of 4 queries over 18 positions: full, partial and (with a window) left-skipped blocks;
     the recomputing backward pass against autodiff of the plain masked attention."""
     monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
-    monkeypatch.setattr(causal_attention, "row_by_row", lambda: by_row)
     b, t = 2, 18
     q, k, v = random_qkv(1, b, t, kv_heads)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -114,25 +112,6 @@ def test_default_positions_take_the_block_skipping_path_with_same_result(monkeyp
     implicit = jax.jit(model.apply)({"params": params}, tokens)[0]
     assert len(calls) == cfg.num_layers
     np.testing.assert_allclose(implicit, explicit, atol=MODEL_TOL, rtol=MODEL_TOL)
-
-
-def test_row_by_row_blocks_equal_batched(monkeypatch):
-    """The loop over batch rows (models/rows.py) changes the schedule, not the parameters or the math."""
-    params = params_for(TINY)
-    tokens = jax.random.randint(jax.random.key(4), (3, 9), 0, TINY.vocab_size)
-
-    def loss(p):
-        logits = Transformer(TINY).apply({"params": p}, tokens)[0]
-        return jnp.mean(cross_entropy(logits, tokens))
-
-    results = {}
-    for by_row in (False, True):
-        monkeypatch.setattr(transformer, "ROW_MIN_TOKENS", 1 if by_row else 10 ** 9)
-        assert jax.tree.structure(params_for(TINY)) == jax.tree.structure(params)
-        results[by_row] = jax.jit(jax.value_and_grad(loss))(params)
-    np.testing.assert_allclose(results[True][0], results[False][0], atol=MODEL_TOL, rtol=MODEL_TOL)
-    for got, want in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
-        np.testing.assert_allclose(got, want, atol=MODEL_TOL, rtol=MODEL_TOL)
 
 
 @pytest.mark.parametrize("position", ["rope", "learned", "sinusoidal"])
