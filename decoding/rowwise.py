@@ -6,8 +6,9 @@ packs the weight on every call: fast while the weight sits in cache, slow when i
 as it does every step once a neighbour on the machine competes for the shared L3. With such a neighbour
 (a training run), R <= 4 matrix-vector products cut a 4-beam step to 0.62-0.68x of its time and a greedy
 step to 0.80-0.89x (interleaved runs); on a quieter machine the difference was within the noise.
-The 2-D view also settles the weight's layout: as `btnh,nhd->btd` is written, XLA transposed every
-attention output weight inside the decode loop, a copy per layer per step.
+The 2-D view also settles the weight's layout: written as an einsum such as `btnh,nhd->btd`, XLA
+transposed the weight inside the decode loop, a copy per layer per step (the model's projections are now
+2-D already, `models/linear.py`; the LM head's einsum is not).
 
 `rowwise(fn)` traces `fn` to a jaxpr and evaluates it with every weight matmul (a `dot_general` without
 batch dimensions) rewritten that way, inlining nested `jit`s so the einsums inside them are reached;

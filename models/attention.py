@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.kernels.decode_attention import decode_attention
 from models.kernels.flash_attention import flash_attention
 from models.kv_cache import KVCache
+from models.linear import linear
 from models.rope import apply_rope, rope_inverse_frequencies
 from models.sharding import constrain, param_with_axes
 
@@ -121,7 +122,7 @@ class Attention(nn.Module):
 
         def project(name: str, heads: int, axis: str) -> jax.Array:
             w = self.param(name, param_with_axes(init, ("embed", axis, "head_dim")), (d, heads, h), pdtype)
-            y = jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
+            y = linear(x, w.astype(dtype))
             if cfg.qkv_bias:
                 bias = self.param(name + "_bias", param_with_axes(nn.initializers.zeros, (axis, "head_dim")),
                                   (heads, h), pdtype)
@@ -152,4 +153,4 @@ class Attention(nn.Module):
                                                     cfg.sliding_window)
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), cache
+        return linear(out, wo.astype(dtype), fan_in_dims=2), cache

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.linear import linear
 from models.sharding import constrain, param_with_axes
 
 
@@ -25,13 +26,11 @@ class MLP(nn.Module):
         def weight(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> jax.Array:
             return self.param(name, param_with_axes(init, axes), shape, self.param_dtype).astype(self.dtype)
 
-        up = jnp.einsum("btd,df->btf", x, weight("w_up", (self.d_model, self.d_ff), ("embed", "mlp")))
+        up = linear(x, weight("w_up", (self.d_model, self.d_ff), ("embed", "mlp")))
         if self.kind == "swiglu":
-            gate = jnp.einsum("btd,df->btf", x,
-                              weight("w_gate", (self.d_model, self.d_ff), ("embed", "mlp")))
+            gate = linear(x, weight("w_gate", (self.d_model, self.d_ff), ("embed", "mlp")))
             hidden = nn.silu(gate) * up
         else:
             hidden = nn.gelu(up)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden,
-                          weight("w_down", (self.d_ff, self.d_model), ("mlp", "embed")))
+        return linear(hidden, weight("w_down", (self.d_ff, self.d_model), ("mlp", "embed")))

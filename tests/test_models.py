@@ -247,6 +247,19 @@ def test_norms_match_numpy():
     np.testing.assert_allclose(y, ref, atol=OP_TOL)
 
 
+def test_linear_matches_numpy_with_gradients():
+    from models.linear import linear
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)  # [B, T, N, H]
+    w = rng.normal(size=(4, 5, 6)).astype(np.float32)  # [N, H, D]
+    np.testing.assert_allclose(linear(x, w, fan_in_dims=2), np.einsum("btnh,nhd->btd", x, w), atol=OP_TOL)
+    np.testing.assert_allclose(linear(x, w[0]), np.einsum("btnh,hd->btnd", x, w[0]), atol=OP_TOL)
+    g = rng.normal(size=(2, 3, 6)).astype(np.float32)  # d loss / d y for loss = sum(g * y)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(g * linear(x, w, fan_in_dims=2)), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(dx, np.einsum("btd,nhd->btnh", g, w), atol=OP_TOL)
+    np.testing.assert_allclose(dw, np.einsum("btnh,btd->nhd", x, g), atol=OP_TOL)
+
+
 @pytest.mark.parametrize("overrides", [
     {}, {"norm": "layernorm", "mlp": "gelu"}, {"position": "learned"}, {"position": "sinusoidal"},
     {"tie_embeddings": False}, {"qkv_bias": True}, {"remat": True}, {"head_dim": 16},
