@@ -18,6 +18,7 @@ aux["router_bias"], the bias for the next step.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.linear import linear
 from models.sharding import constrain, param_with_axes
 
 # Rows per block in the dropless layout: large enough for efficient matmuls, small enough that the
@@ -44,16 +46,20 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) ->
 
 
 def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
-    """h: [X, ..., D], weights w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D].
+    """Stacked experts, h: [X, ..., D] with w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D]
+    (X: the expert axis of the capacity buffers); or one expert, h: [R, D] with [D, F] / [F, D] -> [R, D].
 
-    X is the expert axis of the capacity buffers or the block axis of the dropless layout.
+    One expert's rows go through 2-D matmuls (`models/linear.py`): as a batch-of-one einsum, XLA:CPU
+    copied the output gradient into a transposed layout in the backward pass (dropless MoE train step
+    +6% without, interleaved A/B).
     """
-    up = jnp.einsum("x...d,xdf->x...f", h, w["w_up"])
-    if kind == "swiglu":
-        hidden = nn.silu(jnp.einsum("x...d,xdf->x...f", h, w["w_gate"])) * up
+    if w["w_up"].ndim == 2:
+        matmul = linear
     else:
-        hidden = nn.gelu(up)
-    return jnp.einsum("x...f,xfd->x...d", hidden, w["w_down"])
+        matmul = functools.partial(jnp.einsum, "x...d,xdf->x...f")
+    up = matmul(h, w["w_up"])
+    hidden = nn.silu(matmul(h, w["w_gate"])) * up if kind == "swiglu" else nn.gelu(up)
+    return matmul(hidden, w["w_down"])
 
 
 def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
@@ -126,8 +132,8 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Wei
         rows, e = args  # [R, D], []
         # Indexed in place inside the loop: gathering every block's weights up front copies them once
         # per block and measured twice as slow.
-        we = {name: jax.lax.dynamic_index_in_dim(v, e) for name, v in w.items()}
-        return expert_ffn(rows[None], we, kind)[0]
+        we = {name: jax.lax.dynamic_index_in_dim(v, e, keepdims=False) for name, v in w.items()}
+        return expert_ffn(rows, we, kind)
 
     out = jax.lax.map(one_block, (x_rows[source].reshape(blocks, block, d), block_expert))
     out = out.reshape(blocks * block, d)
