@@ -49,17 +49,19 @@ def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
     """Stacked experts, h: [X, ..., D] with w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D]
     (X: the expert axis of the capacity buffers); or one expert, h: [R, D] with [D, F] / [F, D] -> [R, D].
 
-    One expert's rows go through 2-D matmuls (`models/linear.py`): as a batch-of-one einsum, XLA:CPU
-    copied the output gradient into a transposed layout in the backward pass (dropless MoE train step
-    +6% without, interleaved A/B).
+    Each expert's rows are flattened into one matrix, as in `models/linear.py`: with several row dims
+    (or a batch of one expert) XLA:CPU copied each output gradient into a transposed layout before the
+    weight-gradient matmul. Train step without the copies, interleaved A/B: dropless +6%, capacity +8%.
     """
+    shape = h.shape
     if w["w_up"].ndim == 2:
         matmul = linear
     else:
-        matmul = functools.partial(jnp.einsum, "x...d,xdf->x...f")
+        h = h.reshape(shape[0], -1, shape[-1])
+        matmul = functools.partial(jnp.einsum, "xrd,xdf->xrf")
     up = matmul(h, w["w_up"])
     hidden = nn.silu(matmul(h, w["w_gate"])) * up if kind == "swiglu" else nn.gelu(up)
-    return matmul(hidden, w["w_down"])
+    return matmul(hidden, w["w_down"]).reshape(shape)
 
 
 def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
