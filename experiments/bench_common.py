@@ -14,7 +14,6 @@ import numpy as np
 
 from models.transformer import Transformer, init_params, unbox
 from research.config import MeshConfig, TrainConfig
-from research.host_memory import host_memory_mode
 from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, library_versions
 from research.train_step import build_steps
@@ -92,7 +91,6 @@ def environment(load_start: tuple[float, float, float]) -> dict[str, Any]:
     return {
         "load_average_start_end": [load_start, os.getloadavg()],  # 1/5/15-min
         "cpu_count": os.cpu_count(),
-        "host_memory": host_memory_mode(),  # page faults cost ~10% of a CPU step: research/host_memory.py
         "versions": versions(),
         "devices": device_info(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -31,7 +31,6 @@ from configs.routing_collapse import HEADLINE, NONE, get_sweep
 from experiments import routing_collapse_plots as plots
 from experiments.routing_collapse_report import write_report
 from models.config import ConfigError
-from research.host_memory import retain_freed_memory
 from research.run_record import library_versions, write_json_atomic
 from research.sweep import load_runs, run_sweep
 
@@ -173,7 +172,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    retain_freed_memory()  # before JAX starts its threads: see research/host_memory.py
     args = parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out or f"runs/routing_collapse_{args.preset}")

@@ -14,8 +14,6 @@ from typing import Any
 
 import jax
 
-from research.host_memory import host_memory_mode
-
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "sentencepiece")
 
 
@@ -62,7 +60,6 @@ def run_record(config: dict[str, Any], seed: int, **extra: Any) -> dict[str, Any
         "versions": library_versions(),
         "devices": device_info(),
         "host": platform.node(),
-        "host_memory": host_memory_mode(),
         "argv": sys.argv,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,

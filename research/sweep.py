@@ -33,7 +33,6 @@ from tqdm import tqdm
 from configs import get_config
 from models.config import ConfigError
 from research.config import TrainConfig, apply_overrides, config_hash, from_dict, to_dict
-from research.host_memory import retain_freed_memory
 from research.run_record import write_json_atomic
 
 Option = tuple[str, tuple[str, ...]]  # (label, overrides); an empty label is left out of the condition name
@@ -183,9 +182,7 @@ def run_sweep(sweep: Sweep, out: str | Path, jobs: int = 1, extra_overrides: Seq
                     finish(cell, error)
         else:
             context = multiprocessing.get_context("spawn")
-            # Each worker is a fresh process: set its allocator as the entry points set theirs.
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
-                                                        initializer=retain_freed_memory) as pool:
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 futures = {pool.submit(train_fn, to_dict(c.config), str(run_dir(out, c))): c for c in todo}
                 for future in concurrent.futures.as_completed(futures):
                     finish(futures[future], future.exception())

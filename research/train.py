@@ -25,7 +25,6 @@ from models.config import ConfigError
 from research.checkpoint import Checkpointer
 from research.config import TrainConfig, apply_overrides, to_dict
 from research.flops import measure_matmul_peak, train_flops_per_token
-from research.host_memory import retain_freed_memory
 from research.input_pipeline import build_datasets
 from research.mesh import make_mesh, maybe_initialize_distributed, put_batch
 from research.metrics import perplexity
@@ -196,7 +195,6 @@ def resolve_config(name: str, overrides: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    retain_freed_memory()  # before JAX starts its threads: see research/host_memory.py
     args = parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.overrides)

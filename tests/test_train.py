@@ -48,7 +48,6 @@ def test_loss_decreases_and_run_is_recorded(full_run, smoke):
     assert record["seed"] == smoke.seed
     assert {"jax", "flax", "optax", "orbax-checkpoint", "python"} <= set(record["versions"])
     assert record["devices"]["device_count"] >= 1 and record["git_commit"]
-    assert record["host_memory"] in ("default", "retained (glibc: one arena, no mmap, no trim)")
     assert (out / "tokenizer").is_dir() and (out / "summary.json").exists()
     assert Checkpointer(out / "checkpoints").all_steps() == [10, 20]
 
