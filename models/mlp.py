@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models.linear import linear
 from models.sharding import constrain, param_with_axes
+
+
+def feed_forward(x: jax.Array, w: dict[str, jax.Array], kind: str,
+                 matmul: Callable[[jax.Array, jax.Array], jax.Array] = linear,
+                 hidden_axes: tuple[str | None, ...] | None = None) -> jax.Array:
+    """The FFN on given weights, shared by the dense MLP and the MoE experts: SwiGLU
+    `(silu(x w_gate) * x w_up) w_down`, or GELU `gelu(x w_up) w_down` (no w_gate).
+
+    matmul: how x meets a weight (`linear` for [..., D] x [D, F]; the experts pass a batched product).
+    hidden_axes: logical axes to constrain the hidden activations to, if any.
+    """
+    up = matmul(x, w["w_up"])
+    hidden = nn.silu(matmul(x, w["w_gate"])) * up if kind == "swiglu" else nn.gelu(up)
+    if hidden_axes is not None:
+        hidden = constrain(hidden, hidden_axes)
+    return matmul(hidden, w["w_down"])
 
 
 class MLP(nn.Module):
@@ -26,11 +44,8 @@ class MLP(nn.Module):
         def weight(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> jax.Array:
             return self.param(name, param_with_axes(init, axes), shape, self.param_dtype).astype(self.dtype)
 
-        up = linear(x, weight("w_up", (self.d_model, self.d_ff), ("embed", "mlp")))
+        w = {"w_up": weight("w_up", (self.d_model, self.d_ff), ("embed", "mlp"))}
         if self.kind == "swiglu":
-            gate = linear(x, weight("w_gate", (self.d_model, self.d_ff), ("embed", "mlp")))
-            hidden = nn.silu(gate) * up
-        else:
-            hidden = nn.gelu(up)
-        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-        return linear(hidden, weight("w_down", (self.d_ff, self.d_model), ("mlp", "embed")))
+            w["w_gate"] = weight("w_gate", (self.d_model, self.d_ff), ("embed", "mlp"))
+        w["w_down"] = weight("w_down", (self.d_ff, self.d_model), ("mlp", "embed"))
+        return feed_forward(x, w, self.kind, hidden_axes=("batch", "length", "act_mlp"))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.linear import linear
+from models.mlp import feed_forward
 from models.sharding import constrain, param_with_axes
 
 # Rows per block in the dropless layout: large enough for efficient matmuls, small enough that the
@@ -59,9 +60,7 @@ def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
     else:
         h = h.reshape(shape[0], -1, shape[-1])
         matmul = functools.partial(jnp.einsum, "xrd,xdf->xrf")
-    up = matmul(h, w["w_up"])
-    hidden = nn.silu(matmul(h, w["w_gate"])) * up if kind == "swiglu" else nn.gelu(up)
-    return matmul(hidden, w["w_down"]).reshape(shape)
+    return feed_forward(h, w, kind, matmul).reshape(shape)
 
 
 def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
