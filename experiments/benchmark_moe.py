@@ -11,6 +11,8 @@ REPEATS rounds), so a neighbour's load falls on all of them alike:
             capacity buffers; sorted dropless blocks) and GShard's one-hot dispatch/combine einsums;
   forward   forward tokens/s of mixtral-22m against transformers' MixtralForCausalLM (PyTorch CPU,
             random init, same dimensions). Optional (`pip install -e .[hf]`): recorded as "not installed".
+            A chain of square matmuls runs in the same rounds: its best FLOP/s (the machine's matmul
+            peak) gives both forwards' MFU and the ratio to HF that ours would reach at that peak.
 `--quick` runs smoke-sized shapes with 2 timed steps and no HF baseline.
 """
 
@@ -34,6 +36,7 @@ from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import unbox
 from research.config import TrainConfig, to_dict
+from research.flops import forward_flops_per_token, matmul_chain
 from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
@@ -176,6 +179,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     ratio = f"{fwd['ratio_vs_hf']:.2f}x HF ({hf['tokens_per_s']:,.0f})" if isinstance(hf, dict) else f"HF {hf}"
     rows.append((f"forward {fwd['name']} {fwd['batch_size']} x {fwd['seq_len']}", f"{fwd['tokens_per_s']:,.0f}",
                  ratio, f">= {TARGETS['forward_vs_hf_min']}x HF"))
+    peak = f"matmul peak {results['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; forward MFU {fwd['mfu']:.0%}"
+    if isinstance(hf, dict):
+        peak += f", HF {hf['mfu']:.0%}; at the peak end to end ours would be {fwd['ratio_vs_hf_at_peak']:.2f}x HF"
+    rows.append((peak, "", "", ""))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -199,20 +206,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dispatch = bench_dispatch(base.model, b, t)
 
     tokens = random_tokens(base.model.vocab_size, (b, t), seed=1)
+    peak_size = 256 if args.quick else 1024  # as benchmark_train: a small matmul keeps --quick fast
     runners = {"ours": forward_runner(base, tokens)}
+    runners["peak"], peak_flops = matmul_chain(base.model.dtype, n=peak_size)
     hf = "skipped (--quick)" if args.quick else hf_mixtral_runner(base.model, tokens)
     if isinstance(hf, tuple):
         runners["hf"], hf = hf
     forward_seconds = interleaved_best(runners, FORWARD_REPEATS)
+    peak = peak_flops / forward_seconds["peak"]
+    flops = forward_flops_per_token(base.model, t)
+    ours = tokens.size / forward_seconds["ours"]
     forward = {"name": base.name, "config": to_dict(base), "batch_size": b, "seq_len": t, "repeats": FORWARD_REPEATS,
-               "tokens_per_s": tokens.size / forward_seconds["ours"]}
+               "tokens_per_s": ours, "flops_per_token": flops, "mfu": ours * flops / peak}
     if "hf" in forward_seconds:
         hf["tokens_per_s"] = tokens.size / forward_seconds["hf"]
-        forward["ratio_vs_hf"] = forward["tokens_per_s"] / hf["tokens_per_s"]
+        hf["mfu"] = hf["tokens_per_s"] * flops / peak
+        forward["ratio_vs_hf"] = ours / hf["tokens_per_s"]
+        forward["ratio_vs_hf_at_peak"] = 1.0 / hf["mfu"]  # ours at MFU 1: the most any implementation could reach
 
     results = {
         "quick": args.quick,
         "targets": TARGETS,
+        "matmul_peak_flops": peak,  # best of FORWARD_REPEATS chains of square matmuls, timed with the forwards
+        "matmul_peak_size": peak_size,
         "train": train,
         "train_cost_vs_dense": ratios,
         "dispatch": dispatch,

@@ -36,6 +36,12 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert all(s > 0 for s in layer["fwd_bwd_seconds"].values())
     assert layer["max_rel_diff_gather_vs_einsum"] < TOL  # the two layouts compute the same layer
 
-    assert results["forward"]["tokens_per_s"] > 0 and "ratio_vs_hf" not in results["forward"]
+    forward = results["forward"]
+    assert forward["tokens_per_s"] > 0 and "ratio_vs_hf" not in forward
+    assert results["matmul_peak_flops"] > 0 and results["matmul_peak_size"] == 256
+    # MFU is tokens/s x FLOPs per token / peak, with the forward's FLOPs from research/flops.py.
+    assert forward["flops_per_token"] > 0
+    assert abs(forward["mfu"] - forward["tokens_per_s"] * forward["flops_per_token"] / results["matmul_peak_flops"]) \
+        < 1e-9 * forward["mfu"]
     assert {"jax", "flax", "torch", "transformers"} <= set(results["versions"])
     assert results["devices"]["backend"] and results["time"]
