@@ -18,6 +18,9 @@ from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, library_versions
 from research.train_step import build_steps
 
+# The square matmul timed as the machine's peak: flops.py's default, smaller under --quick to keep it fast.
+PEAK_SIZE, QUICK_PEAK_SIZE = 1024, 256
+
 
 def random_tokens(vocab: int, shape: tuple[int, int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=shape, dtype=np.int32)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.bench_common import (Runner, environment, forward_runner, interleaved_best, random_tokens,
-                                     train_runner)
+from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
+                                     interleaved_best, random_tokens, train_runner)
 from models.config import ModelConfig
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dispatch = bench_dispatch(base.model, b, t)
 
     tokens = random_tokens(base.model.vocab_size, (b, t), seed=1)
-    peak_size = 256 if args.quick else 1024  # as benchmark_train: a small matmul keeps --quick fast
+    peak_size = QUICK_PEAK_SIZE if args.quick else PEAK_SIZE
     runners = {"ours": forward_runner(base, tokens)}
     runners["peak"], peak_flops = matmul_chain(base.model.dtype, n=peak_size)
     hf = "skipped (--quick)" if args.quick else hf_mixtral_runner(base.model, tokens)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from configs.presets import bench_512, smoke
-from experiments.bench_common import (Runner, environment, forward_runner, interleaved_best, random_tokens,
-                                     train_runner)
+from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
+                                     interleaved_best, random_tokens, train_runner)
 from models.config import ModelConfig
 from research.config import DataConfig, TrainConfig, to_dict
 from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     load_start = os.getloadavg()
-    # A small matmul keeps --quick fast; the full run uses flops.py's default 1024 x 1024.
-    peak_size = 256 if args.quick else 1024
+    peak_size = QUICK_PEAK_SIZE if args.quick else PEAK_SIZE
     peaks = [measure_matmul_peak(PEAK_DTYPE, n=peak_size)]
     peak_run, peak_flops = matmul_chain(PEAK_DTYPE, n=peak_size)
 

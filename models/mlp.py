@@ -28,6 +28,16 @@ def feed_forward(x: jax.Array, w: dict[str, jax.Array], kind: str,
     return matmul(hidden, w["w_down"])
 
 
+def ffn_weights(weight: Callable[[str, tuple[int, int], tuple[str, str]], jax.Array], d_model: int, d_ff: int,
+                kind: str) -> dict[str, jax.Array]:
+    """The weights `feed_forward` takes, each made by weight(name, [fan_in, fan_out], logical axes)."""
+    w = {"w_up": weight("w_up", (d_model, d_ff), ("embed", "mlp"))}
+    if kind == "swiglu":
+        w["w_gate"] = weight("w_gate", (d_model, d_ff), ("embed", "mlp"))
+    w["w_down"] = weight("w_down", (d_ff, d_model), ("mlp", "embed"))
+    return w
+
+
 class MLP(nn.Module):
     d_model: int
     d_ff: int
@@ -44,8 +54,5 @@ class MLP(nn.Module):
         def weight(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> jax.Array:
             return self.param(name, param_with_axes(init, axes), shape, self.param_dtype).astype(self.dtype)
 
-        w = {"w_up": weight("w_up", (self.d_model, self.d_ff), ("embed", "mlp"))}
-        if self.kind == "swiglu":
-            w["w_gate"] = weight("w_gate", (self.d_model, self.d_ff), ("embed", "mlp"))
-        w["w_down"] = weight("w_down", (self.d_ff, self.d_model), ("mlp", "embed"))
+        w = ffn_weights(weight, self.d_model, self.d_ff, self.kind)
         return feed_forward(x, w, self.kind, hidden_axes=("batch", "length", "act_mlp"))

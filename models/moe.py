@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.linear import linear
-from models.mlp import feed_forward
+from models.mlp import feed_forward, ffn_weights
 from models.sharding import constrain, param_with_axes
 
 # Rows per block in the dropless layout: large enough for efficient matmuls, small enough that the
@@ -213,13 +213,10 @@ class MoE(nn.Module):
         # Experts, stacked [E, D, F].
         init = nn.initializers.normal(cfg.init_std)
 
-        def expert_weight(name: str, shape: tuple[int, int, int], axes: tuple[str, str, str]) -> jax.Array:
+        def expert_weight(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> jax.Array:
             return self.param(name, param_with_axes(init, ("expert",) + axes), (e,) + shape, pdtype).astype(dtype)
 
-        w = {"w_up": expert_weight("w_up", (d, f), ("embed", "mlp"))}
-        if cfg.mlp == "swiglu":
-            w["w_gate"] = expert_weight("w_gate", (d, f), ("embed", "mlp"))
-        w["w_down"] = expert_weight("w_down", (f, d), ("mlp", "embed"))
+        w = ffn_weights(expert_weight, d, f, cfg.mlp)
 
         xc = x.astype(dtype)
         factor = moe.capacity_factor if self.train else moe.eval_capacity_factor
