@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from decoding.generate import DecodeOutput
-from decoding.prefill import check_inputs, decode_step, is_stop, prefill, stop_array
+from decoding.prefill import check_inputs, is_stop, make_decode_step, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from models.config import ModelConfig
 from models.kv_cache import KVCache, share_slots
@@ -159,6 +159,7 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
     vocab = cfg.vocab_size
     cache, logits = prefill(params, cfg, prompt, prompt_lengths, m, width)
     cache = share_slots(cache)
+    decode_step = make_decode_step(params, cfg, batch * width, cache)
     states = init_states(processors, prompt, prompt_lengths, vocab)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), width))
     first_only = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # identical beams: expand one
@@ -206,7 +207,7 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
         rows = (jnp.arange(batch)[:, None] * width + pick(parent)).reshape(-1)
         new_tokens = pick(token).reshape(-1)
         states = update_states(processors, take_rows(s.processor_states, rows), new_tokens)
-        logits, cache = decode_step(params, cfg, new_tokens, tuple(c.reorder(rows) for c in s.cache))
+        logits, cache = decode_step(new_tokens, tuple(c.reorder(rows) for c in s.cache))
 
         best_alive = jnp.max(alive_scores, axis=-1)
         worst_done = jnp.min(done_scores, axis=-1)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.prefill import check_inputs, check_prompt, decode_step, is_stop, prefill, stop_array
+from decoding.prefill import check_inputs, check_prompt, is_stop, make_decode_step, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
 from models.config import ModelConfig
@@ -111,6 +111,7 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
         tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
         done=jnp.zeros((rows,), bool), processor_states=states)
+    decode_step = make_decode_step(params, cfg, rows, cache)
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -127,7 +128,7 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
             last = (s.step + 1 == max_new_tokens) | jnp.all(done)
             jax.lax.cond(((s.step + 1) % stream_every == 0) | last,
                          lambda: jax.debug.callback(stream, tokens, lengths, ordered=True), lambda: None)
-        logits, cache = decode_step(params, cfg, token, s.cache)
+        logits, cache = decode_step(token, s.cache)
         return DecodeState(
             step=s.step + 1, cache=cache, logits=logits, tokens=tokens,
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)),

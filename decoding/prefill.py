@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.rowwise import rowwise
+from decoding.loop_step import loop_step
 from models.config import ModelConfig
 from models.kv_cache import KVCache, init_cache, with_lengths
 from models.transformer import Transformer
@@ -72,14 +72,16 @@ def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: ja
     return cache, last
 
 
-def decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array,
-                cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
-    """One token per row through the model: tokens [R] -> (next-token logits [R, V] fp32, updated caches).
+def make_decode_step(params: Any, cfg: ModelConfig, rows: int, cache: tuple[KVCache, ...]
+                     ) -> Callable[[jax.Array, tuple[KVCache, ...]], tuple[jax.Array, tuple[KVCache, ...]]]:
+    """Made once before a decode loop: step(tokens [rows], cache) -> (next-token logits [rows, V] fp32,
+    updated caches), one token per row through the model. cache: one of the loop's caches (for shapes).
 
-    On CPU the weight matmuls run as 2-D products, row by row for up to 4 rows (`decoding/rowwise.py`).
+    On CPU the weight work is hoisted out of the loop and the weight matmuls run for few rows
+    (`decoding/loop_step.py`).
     """
     def apply(params: Any, tokens: jax.Array, cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
         logits, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, None], cache=cache)
         return logits[:, 0], cache
 
-    return rowwise(apply)(params, tokens, cache)
+    return loop_step(apply, params, jax.ShapeDtypeStruct((rows,), jnp.int32), cache)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from decoding.generate import check_prompt, generate, greedy_by_recompute
-from decoding.prefill import decode_step, prefill
+from decoding.loop_step import MAX_PANEL_ROWS, MAX_ROWS, loop_step
+from decoding.prefill import make_decode_step, prefill
 from decoding.processors import BannedBigrams, RepetitionPenalty
-from decoding.rowwise import MAX_ROWS, rowwise
 from decoding.sampling import SamplerConfig, make_sampler
 from models.config import ModelConfig
+from models.kernels import panel_matmul
 from models.transformer import Transformer, init_params, unbox
 
 ATOL_MODEL = 1e-4
@@ -54,29 +55,37 @@ def sample(params, key, processors=INERT, **values):
                     sampling=sampling, num_samples=2, processors=processors)
 
 
-@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 2])  # one row, split rows, one 2-D matmul
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_PANEL_ROWS + 1])  # kernel or split rows; one 2-D matmul
 def test_decode_step_equals_the_plain_model(params, rows):
     prompt, lengths = padded([[5, 9, 2, 7, 1, 3]])
     cache, _ = prefill(params, CFG, prompt, lengths, 4, rows)
     tokens = jnp.arange(rows, dtype=jnp.int32) % CFG.vocab_size
-    logits, new_cache = jax.jit(decode_step, static_argnums=1)(params, CFG, tokens, cache)
+    step = jax.jit(lambda p, t, c: make_decode_step(p, CFG, rows, c)(t, c))
+    logits, new_cache = step(params, tokens, cache)
     expected, expected_cache, _ = Transformer(CFG).apply({"params": params}, tokens[:, None], cache=cache)
     np.testing.assert_allclose(logits, expected[:, 0], atol=1e-5)
     for got, want in zip(jax.tree.leaves(new_cache), jax.tree.leaves(expected_cache)):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_rowwise_matmuls_match_einsum():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_loop_step_matmuls_match_einsum(kernel, monkeypatch):
+    if not kernel:  # the per-row products that run where the kernel cannot be built
+        monkeypatch.setattr(panel_matmul, "available", lambda: False)
+    elif not panel_matmul.available():
+        pytest.skip(panel_matmul.unavailable_reason())
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)  # 6 rows
     for spec, w_shape in [("abnh,hnd->abd", (5, 4, 7)),  # contracting dims in another order than w's
                           ("abnh,dnh->abd", (7, 4, 5)),  # w stored [n, k] (a tied embedding's `attend`)
                           ("abnh,nd->abdh", (4, 7))]:
         w = np.random.default_rng(1).normal(size=w_shape).astype(np.float32)
-        fn = lambda x, w: jnp.einsum(spec, x, w)
-        np.testing.assert_allclose(jax.jit(rowwise(fn))(x, w), fn(x, w), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(jax.jit(rowwise(fn))(x[:1, :2], w), fn(x[:1, :2], w), rtol=1e-6, atol=1e-6)
-    batched = lambda x: jnp.einsum("abnh,abmh->abnm", x, x)  # batch dims: not a weight matmul, left alone
-    np.testing.assert_allclose(jax.jit(rowwise(batched))(x), batched(x), rtol=1e-6, atol=1e-6)
+        fn = lambda w, x: jnp.einsum(spec, x, w)
+        for rows in (x, x[:1, :2]):
+            got = jax.jit(lambda w, x: loop_step(fn, w, x)(x))(w, rows)
+            np.testing.assert_allclose(got, fn(w, rows), rtol=1e-5, atol=1e-5)
+    batched = lambda w, x: jnp.einsum("abnh,abmh->abnm", x, x * w)  # batch dims: not a weight matmul, left alone
+    got = jax.jit(lambda w, x: loop_step(batched, w, x)(x))(np.float32(2), x)
+    np.testing.assert_allclose(got, batched(2, x), rtol=1e-6, atol=1e-6)
 
 
 def test_cached_decoding_equals_full_recompute(params, greedy):

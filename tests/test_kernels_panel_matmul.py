@@ -1,0 +1,66 @@
+"""The CPU decode kernel (`models/kernels/panel_matmul.py`): the packed layout against a naive loop, the
+product against NumPy at row counts, depths and widths that leave partial row blocks and panels, and what
+happens where it cannot be built."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.kernels import panel_matmul
+from models.kernels.panel_matmul import PANEL, pack, panel_matmul_reference
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert panel_matmul.available(), panel_matmul.unavailable_reason()
+
+
+def test_pack_layout_matches_a_loop():
+    w = np.arange(5 * 37, dtype=np.float32).reshape(5, 37)
+    packed = np.asarray(pack(jnp.asarray(w)))
+    assert packed.shape == (3, 5, PANEL)
+    for s in range(3):
+        for k in range(5):
+            for c in range(PANEL):
+                col = s * PANEL + c
+                assert packed[s, k, c] == (w[k, col] if col < 37 else 0.0)
+
+
+# (rows, k, n): 1-3 rows (partial row blocks), 4, 5-9 (a block and a remainder), the decode shapes'
+# widths (256, 688) and a head large enough to be shared with the thread pool (k * n >= 2^17).
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 5), (2, 33, 16), (3, 64, 40), (4, 256, 256), (5, 16, 17),
+                                      (8, 256, 688), (9, 688, 256), (4, 64, 4100), (13, 3, 100)])
+def test_matches_numpy(kernel, rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + n)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    got = jax.jit(lambda x, w: panel_matmul.panel_matmul(x, pack(w), n))(x, w)
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    np.testing.assert_allclose(panel_matmul_reference(jnp.asarray(x), pack(jnp.asarray(w)), n), want,
+                               rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_same_numbers_every_call(kernel):
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(4, 256)).astype(np.float32), rng.normal(size=(256, 4100)).astype(np.float32)
+    f = jax.jit(lambda x, w: panel_matmul.panel_matmul(x, pack(w), 4100))
+    np.testing.assert_array_equal(f(x, w), f(x, w))  # panels split across threads, never a sum
+
+
+def test_float32_only(kernel):
+    with pytest.raises(TypeError, match="float32 only"):
+        panel_matmul.panel_matmul(jnp.ones((1, 4), jnp.bfloat16), pack(jnp.ones((4, 4))), 4)
+
+
+def test_unbuildable_kernel_reports_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ok, reason = panel_matmul._build.__wrapped__()
+    assert not ok and "no-such-compiler" in reason
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left in the cache
