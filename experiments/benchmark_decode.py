@@ -34,6 +34,7 @@ from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
 from experiments.bench_common import environment
 from models.config import ModelConfig
+from models.kernels import panel_matmul
 from models.transformer import init_params, unbox
 from research.hf_checkpoint import save_weights
 from research.hf_config import hf_config_from_model
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_hf_batch1_tokens_per_s": REFERENCE_HF_BATCH1,
         "hf_torch_threads": torch_threads,
         "hf_same_greedy_tokens": same_tokens,
+        # What ran the decode steps' weight matmuls (decoding/loop_step.py): the kernel, or XLA's matmul.
+        "decode_weight_matmuls": ("panel_matmul kernel" if panel_matmul.available()
+                                  else f"xla (kernel unavailable: {panel_matmul.unavailable_reason()})"),
         "streaming": streaming,
         "cache_vs_recompute": cache,
         "figure": str(figure),

@@ -28,3 +28,4 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert Path(results["figure"]).stat().st_size > 0
     assert {"jax", "flax", "torch", "transformers"} <= set(results["versions"])
     assert results["devices"]["backend"] and results["time"]
+    assert results["decode_weight_matmuls"].startswith(("panel_matmul kernel", "xla (kernel unavailable: "))
