@@ -12,7 +12,7 @@ to `fn(params, *args)` up to float rounding. It traces fn to a jaxpr and splits 
     call; with the weights coming from memory each step, that made a 4-row step ~3x a 1-row step.
   * otherwise R <= MAX_ROWS: one matrix-vector product per row (XLA's matrix-vector kernel streams a
     weight once; this was the best plain-XLA form).
-  * otherwise one 2-D matmul.
+  * otherwise one 2-D matmul (against the [k, n] view made before the loop: no transposed copies in it).
 Nested `jit`s (einsum is one) are inlined so the matmuls inside them are reached. On other backends
 `step` is fn with the params bound: GPU matmuls need none of this.
 """
@@ -121,7 +121,7 @@ def _run(jaxpr: core.Jaxpr, plan: _Plan, args: list[Any]) -> list[Any]:
 
 def _prepare_weight(lhs: core.AbstractValue, rhs: jax.Array, params: dict[str, Any]) -> _Weight | None:
     """The weight as [k, n] (a copy made once, before the loop), packed when the kernel is to run it;
-    None (leave the matmul to XLA) for batched dot_generals and more rows than either path takes."""
+    None (leave the dot_general as it is) for batched ones."""
     (lhs_contract, rhs_contract), (batch, _) = params["dimension_numbers"]
     if batch or not rhs_contract:
         return None
@@ -131,8 +131,6 @@ def _prepare_weight(lhs: core.AbstractValue, rhs: jax.Array, params: dict[str, A
     rows = lhs.size // k
     use_kernel = (rows <= MAX_PANEL_ROWS and lhs.dtype == rhs.dtype == jnp.float32
                   and params["preferred_element_type"] in (None, jnp.float32) and panel_matmul.available())
-    if not use_kernel and rows > MAX_ROWS:
-        return None
     matrix = rhs.transpose(list(rhs_contract) + rhs_free).reshape(k, -1)
     return _Weight(tuple(lhs_free) + tuple(lhs_contract), matrix, panel_matmul.pack(matrix) if use_kernel else None)
 
@@ -144,4 +142,6 @@ def _weight_matmul(lhs: jax.Array, weight: _Weight, params: dict[str, Any], out_
         return panel_matmul.panel_matmul(x, weight.packed, n).reshape(out_shape)
     dot = lambda rows: jax.lax.dot_general(rows, weight.matrix, (((1,), (0,)), ((), ())), precision=params["precision"],
                                            preferred_element_type=params["preferred_element_type"])
+    if x.shape[0] > MAX_ROWS:
+        return dot(x).reshape(out_shape)
     return jnp.concatenate([dot(x[r:r + 1]) for r in range(x.shape[0])], axis=0).reshape(out_shape)

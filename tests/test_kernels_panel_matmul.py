@@ -3,6 +3,7 @@ product against NumPy at row counts, depths and widths that leave partial row bl
 happens where it cannot be built."""
 
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +65,13 @@ def test_unbuildable_kernel_reports_why(monkeypatch, tmp_path):
     ok, reason = panel_matmul._build.__wrapped__()
     assert not ok and "no-such-compiler" in reason
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left in the cache
+
+
+def test_unwritable_cache_falls_back_to_the_temp_folder(kernel, monkeypatch, tmp_path):
+    blocked = tmp_path / "a-file"  # a cache folder under a file cannot be made, even by root
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    library = panel_matmul._compiled_library()
+    assert library.is_relative_to(tmp_path / "tmp") and library.stat().st_size > 0

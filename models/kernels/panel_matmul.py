@@ -7,7 +7,7 @@ XLA:CPU multiplies a handful of rows by a weight that comes from memory (the dec
 general matmul that repacks the weight on every call, ~3x a one-row product for four rows. The kernel
 (`panel_matmul.cc`, an XLA FFI handler) streams each contiguous panel once and keeps the rows'
 accumulators in registers. It is compiled with the host's C++ compiler on first use and cached under
-`$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache), keyed by the source, jax's version and the CPU;
+`$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache; the temp folder if that is read-only), keyed by the source, jax's version and the CPU;
 `available()` is False, with the reason in `unavailable_reason()`, where that cannot be done, and
 callers then keep XLA's matmul. `panel_matmul_reference` is the same product in jnp, for the tests.
 """
@@ -20,6 +20,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,17 +84,28 @@ def _compiled_library() -> pathlib.Path:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256("\n".join([_SOURCE.read_text(), jax.__version__, compiler, *flags, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "llm_fundamentals"
-    library = cache / f"panel_matmul-{key}.so"
-    if library.exists():
+    for cache in _cache_dirs():
+        library = cache / f"panel_matmul-{key}.so"
+        if library.exists():
+            return library
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = pathlib.Path(tempfile.mkdtemp(dir=cache))
+        except OSError:
+            continue  # not writable (a read-only home): try the next place
+        try:
+            subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp / library.name)], check=True,
+                           capture_output=True, text=True)
+            os.replace(tmp / library.name, library)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return library
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        partial = pathlib.Path(tmp) / library.name
-        subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(partial)], check=True, capture_output=True,
-                       text=True)
-        os.replace(partial, library)
-    return library
+    raise OSError(f"no writable cache folder among {[str(c) for c in _cache_dirs()]}")
+
+
+def _cache_dirs() -> list[pathlib.Path]:
+    home = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    return [home / "llm_fundamentals", pathlib.Path(tempfile.gettempdir()) / f"llm_fundamentals-{os.getuid()}"]
 
 
 def _cpu_flags() -> str:
