@@ -39,6 +39,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     forward = results["forward"]
     assert forward["tokens_per_s"] > 0 and "ratio_vs_hf" not in forward
     assert results["matmul_peak_flops"] > 0 and results["matmul_peak_size"] == 256
+    assert results["matmul_peak_flops_by_size"] == {"256": results["matmul_peak_flops"]}
     # MFU is tokens/s x FLOPs per token / peak, with the forward's FLOPs from research/flops.py.
     assert forward["flops_per_token"] > 0
     assert abs(forward["mfu"] - forward["tokens_per_s"] * forward["flops_per_token"] / results["matmul_peak_flops"]) \
