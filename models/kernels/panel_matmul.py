@@ -9,7 +9,7 @@ general matmul that repacks the weight on every call, ~3x a one-row product for 
 accumulators in registers. It is compiled with the host's C++ compiler on first use and cached under
 `$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache; the temp folder if that is read-only), keyed by the source, jax's version and the CPU;
 `available()` is False, with the reason in `unavailable_reason()`, where that cannot be done, and
-callers then keep XLA's matmul. `panel_matmul_reference` is the same product in jnp, for the tests.
+callers then keep XLA's matmul (a RuntimeWarning says so, once). `panel_matmul_reference` is the same product in jnp, for the tests.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,11 @@ def _build() -> tuple[bool, str]:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or ""
-        return False, f"{type(error).__name__}: {error} {detail.strip()[-300:]}".strip()
+        reason = f"{type(error).__name__}: {error} {detail.strip()[-300:]}".strip()
+        # Once per process (cached): the fallback is correct but slower, so say so rather than stay silent.
+        warnings.warn(f"panel_matmul: CPU decode kernel not built ({reason}); decoding uses XLA's matmul",
+                      RuntimeWarning, stacklevel=2)
+        return False, reason
     return True, ""
 
 
