@@ -7,7 +7,8 @@ XLA:CPU multiplies a handful of rows by a weight that comes from memory (the dec
 general matmul that repacks the weight on every call, ~3x a one-row product for four rows. The kernel
 (`panel_matmul.cc`, an XLA FFI handler) streams each contiguous panel once and keeps the rows'
 accumulators in registers. It is compiled with the host's C++ compiler on first use and cached under
-`$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache; the temp folder if that is read-only), keyed by the source, jax's version and the CPU;
+`$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache; the temp folder if that cannot be written),
+keyed by the source, jax's version and the CPU;
 `available()` is False, with the reason in `unavailable_reason()`, where that cannot be done, and
 callers then keep XLA's matmul (a RuntimeWarning says so, once). `panel_matmul_reference` is the same
 product in jnp, for the tests.
