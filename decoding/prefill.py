@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable, Sequence
 
 import jax
@@ -78,10 +80,13 @@ def make_decode_step(params: Any, cfg: ModelConfig, rows: int, cache: tuple[KVCa
     updated caches), one token per row through the model. cache: one of the loop's caches (for shapes).
 
     On CPU the weight work is hoisted out of the loop and the weight matmuls run for few rows
-    (`decoding/loop_step.py`).
+    (`decoding/loop_step.py`). loop_step routes them itself (to the CPU kernel on weights packed once,
+    before the loop), so the step is traced with XLA's matmuls whatever `cfg.matmul_impl` says.
     """
+    step_cfg = dataclasses.replace(cfg, matmul_impl="xla")
+
     def apply(params: Any, tokens: jax.Array, cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
-        logits, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, None], cache=cache)
+        logits, cache, _ = Transformer(step_cfg).apply({"params": params}, tokens[:, None], cache=cache)
         return logits[:, 0], cache
 
     return loop_step(apply, params, jax.ShapeDtypeStruct((rows,), jnp.int32), cache)

@@ -97,8 +97,10 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
+# "cpu" is the fused CPU kernel where queries and keys are positions 0..T-1 (`causal_attention`); with a
+# cache or other positions it takes the xla path.
 ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention,
-                                         "cudnn": cudnn_attention}
+                                         "cudnn": cudnn_attention, "cpu": xla_attention}
 
 
 class Attention(nn.Module):
@@ -122,7 +124,7 @@ class Attention(nn.Module):
 
         def project(name: str, heads: int, axis: str) -> jax.Array:
             w = self.param(name, param_with_axes(init, ("embed", axis, "head_dim")), (d, heads, h), pdtype)
-            y = linear(x, w.astype(dtype))
+            y = linear(x, w.astype(dtype), impl=cfg.matmul_impl)
             if cfg.qkv_bias:
                 bias = self.param(name + "_bias", param_with_axes(nn.initializers.zeros, (axis, "head_dim")),
                                   (heads, h), pdtype)
@@ -146,11 +148,11 @@ class Attention(nn.Module):
             kv_lengths = cache.lengths
             kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                             (x.shape[0], cache.max_len))
-        if self.consecutive and cache is None and cfg.attention_impl == "xla":
-            out = causal_attention(q, keys, values, cfg.sliding_window)
+        if self.consecutive and cache is None and cfg.attention_impl in ("xla", "cpu"):
+            out = causal_attention(q, keys, values, cfg.sliding_window, cfg.attention_impl == "cpu")
         else:
             out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, positions, kv_positions, kv_lengths,
                                                     cfg.sliding_window)
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
-        return linear(out, wo.astype(dtype), fan_in_dims=2), cache
+        return linear(out, wo.astype(dtype), fan_in_dims=2, impl=cfg.matmul_impl), cache

@@ -20,6 +20,8 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from models.kernels.cpu_attention import cpu_causal_attention
+
 
 # Query positions per block: small blocks skip more of the masked triangle and keep a block's scores
 # in cache; MAX_QUERY_BLOCKS bounds the unrolled program for long sequences.
@@ -52,14 +54,19 @@ class _Spec(NamedTuple):
             yield start, min(start + self.block, t), first
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int,
+                     fused: bool = False) -> jax.Array:
     """q: [B, T, N, H]; k, v: [B, T, K, H] -> [B, T, N, H], fp32 logits and softmax.
 
     Equals `xla_attention` with q and kv positions 0..T-1 and no cache. Only the caller knows that
     the positions are consecutive (the model passes it down): this is never decided from values.
+    fused: the forward pass by the CPU kernel (`models/kernels/cpu_attention.py`, float32), the same
+    blocks and softmax in one op; the backward pass is this file's either way.
     """
     t, kv_heads = q.shape[1], k.shape[2]
     spec = _Spec(sliding_window, max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)))
+    if fused:
+        return _fused(q, k, v, spec)
     out = _blocked(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), spec)
     return ungrouped(out, t)
 
@@ -135,3 +142,25 @@ def _blocked_bwd(spec: _Spec, residuals: tuple, d_out: jax.Array) -> tuple[jax.A
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> jax.Array:
+    """q: [B, T, N, H]; k, v: [B, T, K, H] -> [B, T, N, H], by the CPU kernel."""
+    return cpu_causal_attention(q, k, v, spec.window)[0]
+
+
+def _fused_fwd(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax.Array, tuple]:
+    out, lse = cpu_causal_attention(q, k, v, spec.window)
+    return out, (q, k, v, out, lse)
+
+
+def _fused_bwd(spec: _Spec, residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, out, lse = residuals
+    t, kv_heads = q.shape[1], k.shape[2]
+    d_q, d_k, d_v = _backward(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                              grouped(out, kv_heads), lse, grouped(d_out, kv_heads), spec)
+    return ungrouped(d_q, t), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -9,7 +9,8 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see models/attention.py: ATTENTION_FNS
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see models/attention.py: ATTENTION_FNS
+MATMUL_IMPLS = ("xla", "cpu")  # see models/linear.py
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("softmax", "noisy", "dense")
 PRIORITIES = ("order", "probability")
@@ -102,6 +103,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = True
     attention_impl: str = "xla"
+    matmul_impl: str = "xla"  # "cpu": weight matmuls and experts by the CPU kernel (models/kernels), float32
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -127,6 +129,10 @@ class ModelConfig:
         check_choice(p + "position", self.position, POSITIONS)
         check_choice(p + "rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         check_choice(p + "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        check_choice(p + "matmul_impl", self.matmul_impl, MATMUL_IMPLS)
+        for name in ("attention_impl", "matmul_impl"):
+            check(getattr(self, name) != "cpu" or self.dtype == "float32", p + name, getattr(self, name),
+                  f"the CPU kernels are float32 only, but model.dtype={self.dtype!r}")
         check_choice(p + "dtype", self.dtype, DTYPES)
         check_choice(p + "param_dtype", self.param_dtype, DTYPES)
         check(self.rope_theta > 0, p + "rope_theta", self.rope_theta, "expected > 0")

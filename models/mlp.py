@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -45,6 +46,7 @@ class MLP(nn.Module):
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    matmul_impl: str = "xla"  # ModelConfig.matmul_impl
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,4 +57,5 @@ class MLP(nn.Module):
             return self.param(name, param_with_axes(init, axes), shape, self.param_dtype).astype(self.dtype)
 
         w = ffn_weights(weight, self.d_model, self.d_ff, self.kind)
-        return feed_forward(x, w, self.kind, hidden_axes=("batch", "length", "act_mlp"))
+        return feed_forward(x, w, self.kind, functools.partial(linear, impl=self.matmul_impl),
+                            hidden_axes=("batch", "length", "act_mlp"))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.linear import linear
+from models.linear import grouped_linear, linear
 from models.mlp import feed_forward, ffn_weights
 from models.sharding import constrain, param_with_axes
 
@@ -46,9 +46,10 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) ->
     return min(tokens, math.ceil(round(top_k * tokens / num_experts * factor, 9)))
 
 
-def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
+def expert_ffn(h: jax.Array, w: Weights, kind: str, impl: str = "xla") -> jax.Array:
     """Stacked experts, h: [X, ..., D] with w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D]
     (X: the expert axis of the capacity buffers); or one expert, h: [R, D] with [D, F] / [F, D] -> [R, D].
+    impl: ModelConfig.matmul_impl ("cpu": stacked experts as one grouped kernel call of equal groups).
 
     Each expert's rows are flattened into one matrix, as in `models/linear.py`: with several row dims
     (or a batch of one expert) XLA:CPU copied each output gradient into a transposed layout before the
@@ -56,7 +57,11 @@ def expert_ffn(h: jax.Array, w: Weights, kind: str) -> jax.Array:
     """
     shape = h.shape
     if w["w_up"].ndim == 2:
-        matmul = linear
+        matmul = functools.partial(linear, impl=impl)
+    elif impl == "cpu":
+        sizes = jnp.full((shape[0],), math.prod(shape[1:-1]), jnp.int32)
+        h = h.reshape(-1, shape[-1])
+        matmul = functools.partial(grouped_linear, sizes=sizes)
     else:
         h = h.reshape(shape[0], -1, shape[-1])
         matmul = functools.partial(jnp.einsum, "xrd,xdf->xrf")
@@ -83,7 +88,7 @@ def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int
 
 
 def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order: jax.Array | None,
-                      capacity: int, w: Weights, kind: str) -> tuple[jax.Array, jax.Array]:
+                      capacity: int, w: Weights, kind: str, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
     """x: [B, T, D]; experts, gates: [B, T, K] -> (y [B, T, D], kept [B, T, K] bool).
 
     Assignments past an expert's capacity are dropped. w: the stacked expert weights.
@@ -100,24 +105,30 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order:
     source = jnp.full((rows,), b * t, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1), mode="drop")
     x_rows = jnp.concatenate([x.reshape(b * t, d), jnp.zeros((1, d), x.dtype)])
     h = constrain(x_rows[source].reshape(num_experts, b, capacity, d), BUFFER_AXES)
-    out = constrain(expert_ffn(h, w, kind), BUFFER_AXES).reshape(rows, d)
+    out = constrain(expert_ffn(h, w, kind, impl), BUFFER_AXES).reshape(rows, d)
     out = jnp.concatenate([out, jnp.zeros((1, d), out.dtype)])
     y = jnp.einsum("btkd,btk->btd", out[slot], (gates * kept).astype(out.dtype))
     return y, kept
 
 
-def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Weights, kind: str) -> jax.Array:
+def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Weights, kind: str,
+                      impl: str = "xla") -> jax.Array:
     """x: [N, D]; experts, gates: [N, K] -> [N, D], every assignment computed. w: stacked expert weights."""
     n, d = x.shape
     k = experts.shape[1]
     num_experts = w["w_up"].shape[0]
     a = n * k
-    # Padding is under one block per expert, so a block of at most a / (4E) rows wastes at most a
-    # quarter of the rows; tiny inputs (decoding) get tiny blocks.
-    block = max(1, min(DROPLESS_BLOCK, a // (4 * num_experts)))
     flat = experts.reshape(a)
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert, token order within
     counts = jnp.bincount(flat, length=num_experts)
+    if impl == "cpu":
+        # The kernel takes each expert's run of sorted rows as it is: no padding to blocks.
+        out = feed_forward(x[order // k], w, kind, functools.partial(grouped_linear, sizes=counts))
+        out = jnp.zeros_like(out).at[order].set(out)
+        return jnp.einsum("nkd,nk->nd", out.reshape(n, k, d), gates.astype(out.dtype))
+    # Padding is under one block per expert, so a block of at most a / (4E) rows wastes at most a
+    # quarter of the rows; tiny inputs (decoding) get tiny blocks.
+    block = max(1, min(DROPLESS_BLOCK, a // (4 * num_experts)))
     padded = -(-counts // block) * block
     ends = jnp.cumsum(padded)
     sorted_experts = flat[order]
@@ -222,14 +233,15 @@ class MoE(nn.Module):
         factor = moe.capacity_factor if self.train else moe.eval_capacity_factor
         kept = jnp.ones(experts.shape, bool)
         if moe.router == "dense":
-            out = expert_ffn(jnp.broadcast_to(xc, (e,) + xc.shape), w, cfg.mlp)  # [E, B, T, D]
+            out = expert_ffn(jnp.broadcast_to(xc, (e,) + xc.shape), w, cfg.mlp, cfg.matmul_impl)  # [E, B, T, D]
             y = jnp.einsum("ebtd,bte->btd", out, probs.astype(dtype))
         elif factor == 0:
             y = dropless_dispatch(xc.reshape(b * t, d), experts.reshape(b * t, k), gates.reshape(b * t, k), w,
-                                  cfg.mlp).reshape(b, t, d)
+                                  cfg.mlp, cfg.matmul_impl).reshape(b, t, d)
         else:
             order = None if moe.priority == "order" else jnp.argsort(-top_probs[..., 0], axis=1, stable=True)
-            y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), w, cfg.mlp)
+            y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), w, cfg.mlp,
+                                        cfg.matmul_impl)
 
         # Balancing losses and statistics. Loads count assignments before any are dropped; the dense
         # router's describe its top-k choice.

@@ -20,6 +20,7 @@ from models.attention import Attention
 from models.config import ModelConfig
 from models.embeddings import Embed, LearnedPositions, sinusoidal_positions
 from models.kv_cache import KVCache
+from models.linear import linear
 from models.mlp import MLP
 from models.moe import MoE
 from models.norms import make_norm
@@ -48,7 +49,7 @@ class Block(nn.Module):
             h, aux = MoE(cfg, self.train, name="moe")(h)
         else:
             h, aux = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.init_std, jnp.dtype(cfg.dtype), pdtype,
-                         name="mlp")(h), {}
+                         cfg.matmul_impl, name="mlp")(h), {}
         x = x + h
         return constrain(x, ("batch", "length", "act_embed")), cache, aux
 
@@ -106,12 +107,16 @@ class Transformer(nn.Module):
         new_cache = tuple(new_cache) if cache is not None else None
         if return_hidden:
             return x, new_cache, aux
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cfg.matmul_impl == "xla":
             logits = embed.attend(x)
         else:
-            w = self.param("lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                           (cfg.d_model, cfg.vocab_size), pdtype)
-            logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+            w = embed.table.T if cfg.tie_embeddings else self.param(
+                "lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size), pdtype)
+            if cfg.matmul_impl == "xla":
+                logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+            else:
+                logits = linear(x, w.astype(dtype), impl=cfg.matmul_impl)
         return constrain(logits, ("batch", "length", "act_vocab")), new_cache, aux
 
 

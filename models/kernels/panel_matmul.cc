@@ -1,112 +1,202 @@
-// A few rows times a weight packed in 16-column panels, for the CPU decode step (XLA FFI handler).
+// Rows times a weight packed in 16-column panels, on CPU (XLA FFI handlers), dense or per expert group.
 //
-//   y[m, n] = sum_k x[m, k] * w[k, n],   x: [M, K],   packed w: [S, K, 16] (panel s holds columns
-//   16s .. 16s+15 of w, row after row; columns past N are zero),   y: [M, N], N <= 16 S.
+//   dense:    y[m, n] = sum_k x[m, k] w[k, n]          x: [M, K], packed w: [S, K, 16], y: [M, N]
+//   grouped:  y[m, n] = sum_k x[m, k] w_g[k, n]        packed w: [G, S, K, 16], sizes: [G] int32;
+//             rows are in group order (group g: the sizes[g] rows after groups 0..g-1); rows after the
+//             last group are zero (as in jax.lax.ragged_dot).
+//   Panel s holds columns 16s .. 16s+15, row after row; columns past N are zero. N <= 16 S.
 //
-// Why: a decode step multiplies a handful of rows (batch x beams) by every weight, and the weights
-// come from memory each step. XLA:CPU's general matmul repacks the weight on every call, which made a
-// 4-row step ~3x a 1-row step. A panel is contiguous, so it streams from memory once; the rows then
-// meet it from registers (4 rows x 16 columns = 8 vector accumulators) in blocks of 4 rows.
-// Panels are shared out to the intra-op thread pool in chunks claimed from an atomic counter.
+// A raw weight ([K, N], [G, K, N]) is packed by the kernel into a buffer it keeps (see `scratch`).
+//
+// Why: XLA:CPU's general matmul repacks the weight on every call and ran the shapes of this project
+// (K of a few hundred) at 60-90% of the rate NumPy's BLAS reaches on them; packing in XLA (a transpose
+// into fresh memory) cost ~6 ms per expert weight. Here a tile of 6 rows x 16 columns (tile.h) keeps
+// 12 vector accumulators in registers. Work is cut into units shared with XLA's intra-op thread pool
+// (claimed from an atomic counter): for many rows, a block of kRowBlock rows of one group (in L2)
+// against all the panels; for a decode step (a few rows) a chunk of a few panels, which then streams
+// from memory once.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#include "tile.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 16;
-// Below this many weight floats per call, waking a pool thread costs more than it saves.
-constexpr int64_t kParallelFloats = 1 << 17;
-constexpr int64_t kChunkPanels = 4;
+using llmf::kPanel;
+using llmf::kTileRows;
 
-// Eight floats (one AVX register; two SSE/NEON ones), loaded from any float address.
-typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+constexpr int64_t kRowBlock = 96;  // rows per unit: 96 x K floats stay in L2
+// Below this many multiply-adds (or weight floats, for a few rows), waking a pool thread costs more
+// than it saves.
+constexpr int64_t kParallelWork = 1 << 17;
 
-// R rows (R <= 4) of x times one panel, written to y (ldy floats per row), `cols` valid columns.
-template <int R>
-void RowsTimesPanel(const float* x, int64_t k_dim, const float* panel, float* y, int64_t ldy, int64_t cols) {
-  Vec8 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = Vec8{};
-  for (int64_t k = 0; k < k_dim; ++k) {
-    const Vec8 w_lo = *reinterpret_cast<const Vec8*>(panel + k * kPanel);
-    const Vec8 w_hi = *reinterpret_cast<const Vec8*>(panel + k * kPanel + 8);
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * k_dim + k];
-      lo[r] += xv * w_lo;
-      hi[r] += xv * w_hi;
+// One product, cut into units. Shared between the caller and pool tasks by shared_ptr: a task that
+// starts after the caller has returned finds no unit left and touches only this state, never the buffers.
+struct Work {
+  const float* x;
+  const float* w;  // packed [G, S, K, 16], or raw [G, K, N] when `packed` is the scratch to pack into
+  float* packed;   // nullptr: w is packed already
+  float* y;
+  int64_t k, n, panels, block_rows, chunk_panels, chunks;
+  bool by_chunk;
+  std::vector<int64_t> row_start;   // [G + 1]: group g's rows are row_start[g] .. row_start[g + 1]
+  std::vector<int64_t> unit_start;  // [G + 1]: group g's units are unit_start[g] .. unit_start[g + 1]
+  // Raw weights: per (group, chunk) 0 = not packed, 1 = being packed, 2 = packed. The first unit that
+  // needs a chunk packs it; another unit that needs it meanwhile waits for that running thread.
+  std::unique_ptr<std::atomic<int>[]> state;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> active{0};
+
+  // Group g's packed panels, with chunk `chunk` ready.
+  const float* Panels(int64_t g, int64_t chunk) {
+    if (packed == nullptr) return w + g * panels * k * kPanel;
+    float* out = packed + g * panels * k * kPanel;
+    std::atomic<int>& ready = state[g * chunks + chunk];
+    int expected = 0;
+    if (ready.compare_exchange_strong(expected, 1)) {
+      const float* raw = w + g * k * n;
+      for (int64_t s = chunk * chunk_panels; s < std::min(panels, (chunk + 1) * chunk_panels); ++s) {
+        const int64_t cols = std::min(kPanel, n - s * kPanel);
+        for (int64_t kk = 0; kk < k; ++kk) {
+          float* dst = out + (s * k + kk) * kPanel;
+          std::memcpy(dst, raw + kk * n + s * kPanel, cols * sizeof(float));
+          std::fill(dst + cols, dst + kPanel, 0.0f);
+        }
+      }
+      ready.store(2, std::memory_order_release);
+    } else {
+      while (ready.load(std::memory_order_acquire) != 2) {
+      }
     }
+    return out;
   }
-  for (int r = 0; r < R; ++r) {
-    float out[kPanel];
-    *reinterpret_cast<Vec8*>(out) = lo[r];
-    *reinterpret_cast<Vec8*>(out + 8) = hi[r];
-    std::memcpy(y + r * ldy, out, cols * sizeof(float));
-  }
-}
 
-void Panels(const float* x, int64_t m_dim, int64_t k_dim, const float* w, float* y, int64_t n_dim,
-            int64_t first, int64_t last) {
-  for (int64_t s = first; s < last; ++s) {
-    const float* panel = w + s * k_dim * kPanel;
-    const int64_t col = s * kPanel, cols = std::min(kPanel, n_dim - col);
-    for (int64_t r = 0; r < m_dim; r += 4) {
-      const float* xr = x + r * k_dim;
-      float* yr = y + r * n_dim + col;
-      switch (std::min<int64_t>(4, m_dim - r)) {
-        case 4: RowsTimesPanel<4>(xr, k_dim, panel, yr, n_dim, cols); break;
-        case 3: RowsTimesPanel<3>(xr, k_dim, panel, yr, n_dim, cols); break;
-        case 2: RowsTimesPanel<2>(xr, k_dim, panel, yr, n_dim, cols); break;
-        default: RowsTimesPanel<1>(xr, k_dim, panel, yr, n_dim, cols); break;
+  void RunUnit(int64_t unit) {
+    const int64_t g = std::upper_bound(unit_start.begin(), unit_start.end(), unit) - unit_start.begin() - 1;
+    const int64_t local = unit - unit_start[g];
+    // A few rows: a unit is one chunk of panels. Many rows: a block of rows against every chunk.
+    const int64_t block = by_chunk ? 0 : local;
+    const int64_t first_chunk = by_chunk ? local : 0, last_chunk = by_chunk ? local + 1 : chunks;
+    const int64_t first_row = row_start[g] + block * block_rows;
+    const int64_t last_row = std::min(row_start[g + 1], first_row + block_rows);
+    for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+      const float* wg = Panels(g, chunk);
+      for (int64_t s = chunk * chunk_panels; s < std::min(panels, (chunk + 1) * chunk_panels); ++s) {
+        const float* panel = wg + s * k * kPanel;
+        const int64_t col = s * kPanel, cols = std::min(kPanel, n - col);
+        for (int64_t r = first_row; r < last_row; r += kTileRows) {
+          llmf::Rows(std::min<int64_t>(kTileRows, last_row - r), x + r * k, k, k, panel, y + r * n + col, n, cols);
+        }
       }
     }
   }
-}
 
-// Work shared between the caller and pool tasks. Tasks hold it by shared_ptr: one that starts after
-// the caller has returned finds no chunk left and touches only this state, never the buffers.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
+  void Claim() {
+    active.fetch_add(1);
+    for (int64_t u; (u = next.fetch_add(1)) < unit_start.back();) RunUnit(u);
+    active.fetch_sub(1);
+  }
 };
 
-void Claim(Work& work, int64_t num_panels, const float* x, int64_t m, int64_t k, const float* w, float* y,
-           int64_t n) {
-  work.active.fetch_add(1);
-  for (int64_t c; (c = work.next.fetch_add(kChunkPanels)) < num_panels;) {
-    Panels(x, m, k, w, y, n, c, std::min(num_panels, c + kChunkPanels));
+// Raw weights are packed into this buffer of the calling thread, kept between calls: a fresh one
+// each call would be fresh pages from the OS, and faulting them in cost as much as the packing.
+thread_local std::vector<float> scratch;
+
+// x [M, K] times w (packed [G, S, K, 16] or, raw_n > 0, raw [G, K, raw_n]) per group of rows -> y [M, N].
+ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const float* w, bool raw,
+               int64_t panels, float* y, int64_t n, std::vector<int64_t> row_start) {
+  auto work = std::make_shared<Work>();
+  const int64_t groups = static_cast<int64_t>(row_start.size()) - 1;
+  work->x = x;
+  work->w = w;
+  work->y = y;
+  work->k = k;
+  work->n = n;
+  work->panels = panels;
+  // A few rows (decoding): one block, and the weight is the cost, so units of a few panels each.
+  // Many rows: units of kRowBlock rows against the whole weight, packed (if raw) in chunks of 128 KB.
+  work->by_chunk = row_start.back() <= 4 * kTileRows * groups;
+  work->block_rows = work->by_chunk ? std::max<int64_t>(1, row_start.back()) : kRowBlock;
+  work->chunk_panels = work->by_chunk ? 4 : std::max<int64_t>(1, (1 << 15) / (k * kPanel));
+  work->chunks = (panels + work->chunk_panels - 1) / work->chunk_panels;
+  work->packed = nullptr;
+  if (raw) {
+    if (scratch.size() < static_cast<size_t>(groups * panels * k * kPanel)) scratch.resize(groups * panels * k * kPanel);
+    work->packed = scratch.data();
+    work->state.reset(new std::atomic<int>[groups * work->chunks]);
+    for (int64_t i = 0; i < groups * work->chunks; ++i) work->state[i].store(0);
   }
-  work.active.fetch_sub(1);
+  work->unit_start.assign(1, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t blocks = (row_start[g + 1] - row_start[g] + work->block_rows - 1) / work->block_rows;
+    work->unit_start.push_back(work->unit_start.back() + (work->by_chunk ? work->chunks : blocks));
+  }
+  work->row_start = std::move(row_start);
+  const int64_t units = work->unit_start.back();
+  const int64_t weight = groups * panels * k * kPanel, macs = work->row_start.back() * k * panels * kPanel;
+  const int64_t helpers = std::max(weight, macs / 16) >= kParallelWork
+                              ? std::min<int64_t>(pool.num_threads() - 1, units - 1) : 0;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Claim(); });
+  if (work->row_start.back() < m) {  // rows after the last group
+    std::memset(y + work->row_start.back() * n, 0, (m - work->row_start.back()) * n * sizeof(float));
+  }
+  work->Claim();
+  // Every unit is claimed; wait for helpers still computing theirs (a helper that starts now claims none).
+  while (work->active.load() != 0) {
+  }
+  return ffi::Error::Success();
+}
+
+// The weight's layout from its dims (after the group dim, if any): packed [S, K, 16] or raw [K, N].
+// False if they do not fit x [M, K] and y [M, N].
+bool WeightLayout(ffi::Span<const int64_t> wd, int64_t lead, int64_t k, int64_t n, bool& raw, int64_t& panels) {
+  const int64_t rank = static_cast<int64_t>(wd.size()) - lead;
+  raw = rank == 2;
+  panels = (n + kPanel - 1) / kPanel;
+  if (raw) return wd[lead] == k && wd[lead + 1] == n;
+  return rank == 3 && wd[lead] == panels && wd[lead + 1] == k && wd[lead + 2] == kPanel;
 }
 
 ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel || wd[1] != xd[1] ||
-      yd[0] != xd[0] || yd[1] > wd[0] * kPanel || yd[1] <= (wd[0] - 1) * kPanel) {
-    return ffi::Error::InvalidArgument("panel_matmul: expected x [M, K], w [ceil(N/16), K, 16], y [M, N]");
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  bool raw;
+  int64_t panels;
+  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] || !WeightLayout(w.dimensions(), 0, xd[1], yd[1], raw, panels)) {
+    return ffi::Error::InvalidArgument("panel_matmul: expected x [M, K], w [K, N] or packed [ceil(N/16), K, 16], y [M, N]");
   }
-  const int64_t m = xd[0], k = xd[1], n = yd[1], num_panels = wd[0];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t helpers = num_panels * k * kPanel >= kParallelFloats
-                              ? std::min<int64_t>(pool.num_threads() - 1, num_panels / kChunkPanels - 1) : 0;
-  auto work = std::make_shared<Work>();
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([work, num_panels, xp, m, k, wp, yp, n] { Claim(*work, num_panels, xp, m, k, wp, yp, n); });
+  return Run(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), raw, panels, y->typed_data(), yd[1], {0, xd[0]});
+}
+
+ffi::Error GroupedPanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                  ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = sizes.dimensions(), yd = y->dimensions();
+  bool raw;
+  int64_t panels;
+  if (xd.size() != 2 || yd.size() != 2 || sd.size() != 1 || wd.size() < 1 || sd[0] != wd[0] || yd[0] != xd[0] ||
+      !WeightLayout(wd, 1, xd[1], yd[1], raw, panels)) {
+    return ffi::Error::InvalidArgument(
+        "grouped_panel_matmul: expected x [M, K], w [G, K, N] or packed [G, ceil(N/16), K, 16], sizes [G], y [M, N]");
   }
-  Claim(*work, num_panels, xp, m, k, wp, yp, n);
-  // Every chunk is claimed; wait for helpers still computing theirs (a helper that starts now claims none).
-  while (work->active.load() != 0) {
+  std::vector<int64_t> row_start{0};
+  for (int64_t g = 0; g < sd[0]; ++g) {
+    const int64_t size = sizes.typed_data()[g];
+    if (size < 0 || row_start.back() + size > xd[0]) {
+      return ffi::Error::InvalidArgument("grouped_panel_matmul: group sizes must be >= 0 and sum to <= M");
+    }
+    row_start.push_back(row_start.back() + size);
   }
-  return ffi::Error::Success();
+  return Run(pool, x.typed_data(), xd[0], xd[1], w.typed_data(), raw, panels, y->typed_data(), yd[1],
+             std::move(row_start));
 }
 
 }  // namespace
@@ -116,4 +206,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmfPanelMatmul, PanelMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmfGroupedPanelMatmul, GroupedPanelMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
