@@ -50,9 +50,9 @@ def test_matches_numpy(kernel, rows, k, n, packed):
                                rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-# sizes: uneven groups with an empty one (many rows: blocks per group), rows left after the last group
+# sizes: uneven groups with an empty one (many rows: blocks of rows per group), rows left after the last group
 # (zero), and a few rows over many groups (the decode layout).
-@pytest.mark.parametrize("sizes,rows,k,n", [((70, 0, 131, 5), 206, 48, 40), ((3, 4), 10, 20, 33),
+@pytest.mark.parametrize("sizes,rows,k,n", [((150, 0, 260, 7), 420, 48, 40), ((3, 4), 10, 20, 33),
                                             ((1, 0, 2, 1), 4, 256, 300)])
 @pytest.mark.parametrize("packed", [True, False])
 def test_grouped_matches_a_loop_over_groups(kernel, sizes, rows, k, n, packed):
@@ -67,6 +67,14 @@ def test_grouped_matches_a_loop_over_groups(kernel, sizes, rows, k, n, packed):
         want[start:start + size] = x[start:start + size].astype(np.float64) @ w[g].astype(np.float64)
         start += size
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_weight_too_large_to_keep_is_packed_per_call(kernel):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(7, 16)).astype(np.float32)
+    w = rng.normal(size=(16, (1 << 20) + 5)).astype(np.float32)  # > 2^24 floats packed: not kept
+    got = jax.jit(lambda x, w: panel_matmul.panel_matmul(x, w, w.shape[1]))(x, w)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
 def test_grouped_rejects_sizes_past_the_rows(kernel):

@@ -45,6 +45,7 @@ struct Work {
   const float* x;
   const float* w;  // packed [G, S, K, 16], or raw [G, K, N] when `packed` is the scratch to pack into
   float* packed;   // nullptr: w is packed already
+  std::unique_ptr<float[]> own;  // the packing buffer, when this call has its own
   float* y;
   int64_t k, n, panels, block_rows, chunk_panels, chunks;
   bool by_chunk;
@@ -83,7 +84,7 @@ struct Work {
   void RunUnit(int64_t unit) {
     const int64_t g = std::upper_bound(unit_start.begin(), unit_start.end(), unit) - unit_start.begin() - 1;
     const int64_t local = unit - unit_start[g];
-    // A few rows: a unit is one chunk of panels. Many rows: a block of rows against every chunk.
+    // Few rows: a unit is one chunk of panels. Many rows: a block of rows against every chunk.
     const int64_t block = by_chunk ? 0 : local;
     const int64_t first_chunk = by_chunk ? local : 0, last_chunk = by_chunk ? local + 1 : chunks;
     const int64_t first_row = row_start[g] + block * block_rows;
@@ -108,10 +109,13 @@ struct Work {
 };
 
 // Raw weights are packed into this buffer of the calling thread, kept between calls: a fresh one
-// each call would be fresh pages from the OS, and faulting them in cost as much as the packing.
+// each call would be fresh pages from the OS, and faulting them in cost as much as the packing. A
+// weight larger than kKeptFloats is packed into a buffer of its own call instead, so what is kept
+// stays bounded.
+constexpr size_t kKeptFloats = size_t{1} << 24;  // 64 MB
 thread_local std::vector<float> scratch;
 
-// x [M, K] times w (packed [G, S, K, 16] or, raw_n > 0, raw [G, K, raw_n]) per group of rows -> y [M, N].
+// x [M, K] times w (packed [G, S, K, 16], or raw [G, K, N] if `raw`) per group of rows -> y [M, N].
 ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const float* w, bool raw,
                int64_t panels, float* y, int64_t n, std::vector<int64_t> row_start) {
   auto work = std::make_shared<Work>();
@@ -122,16 +126,23 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, cons
   work->k = k;
   work->n = n;
   work->panels = panels;
-  // A few rows (decoding): one block, and the weight is the cost, so units of a few panels each.
-  // Many rows: units of kRowBlock rows against the whole weight, packed (if raw) in chunks of 128 KB.
-  work->by_chunk = row_start.back() <= 4 * kTileRows * groups;
+  // Up to a block of rows per group (decoding): one block, and the weight is the cost, so units of a
+  // few panels each. Many rows: units of kRowBlock rows against the whole weight, packed (if raw) in
+  // chunks of 128 KB.
+  work->by_chunk = row_start.back() <= kRowBlock * groups;
   work->block_rows = work->by_chunk ? std::max<int64_t>(1, row_start.back()) : kRowBlock;
   work->chunk_panels = work->by_chunk ? 4 : std::max<int64_t>(1, (1 << 15) / (k * kPanel));
   work->chunks = (panels + work->chunk_panels - 1) / work->chunk_panels;
   work->packed = nullptr;
   if (raw) {
-    if (scratch.size() < static_cast<size_t>(groups * panels * k * kPanel)) scratch.resize(groups * panels * k * kPanel);
-    work->packed = scratch.data();
+    const size_t floats = groups * panels * k * kPanel;
+    if (floats > kKeptFloats) {
+      work->own.reset(new float[floats]);
+      work->packed = work->own.get();
+    } else {
+      if (scratch.size() < floats) scratch.resize(floats);
+      work->packed = scratch.data();
+    }
     work->state.reset(new std::atomic<int>[groups * work->chunks]);
     for (int64_t i = 0; i < groups * work->chunks; ++i) work->state[i].store(0);
   }
