@@ -92,13 +92,14 @@ def grouped_weight_grad(x: jax.Array, dy: jax.Array, sizes: jax.Array) -> jax.Ar
     block = max(1, min(GRAD_BLOCK, m // groups))
     blocks = (m + groups * (block - 1)) // block  # >= sum_g ceil(sizes_g / block)
     ends = jnp.cumsum(sizes)
-    padded_ends = jnp.cumsum(-(-sizes // block) * block)
+    padded = -(-sizes // block) * block
+    padded_ends = jnp.cumsum(padded)
     row = jnp.arange(m)
     group = jnp.searchsorted(ends, row, side="right")  # == groups for rows after the last group
     valid = group < groups
     group = jnp.minimum(group, groups - 1)
-    slot = jnp.where(valid, padded_ends[group] - -(-sizes[group] // block) * block + row - (ends - sizes)[group],
-                     blocks * block)
+    # A row's place: its group's first padded slot plus its rank within the group.
+    slot = jnp.where(valid, (padded_ends - padded)[group] + row - (ends - sizes)[group], blocks * block)
     xp = jnp.zeros((blocks * block, x.shape[1]), x.dtype).at[slot].set(x, mode="drop")
     dyp = jnp.zeros((blocks * block, dy.shape[1]), dy.dtype).at[slot].set(dy, mode="drop")
     per_block = jnp.einsum("brk,brn->bkn", xp.reshape(blocks, block, -1), dyp.reshape(blocks, block, -1))

@@ -10,8 +10,9 @@ model's own jnp path).
                        model's with matmul_impl="cpu"
   cpu_attention.py     (CPU, cpu_attention.cc) fused causal attention forward with its log-sum-exp:
                        attention_impl="cpu" (the backward is models/causal_attention.py's)
-  cpu_library.py       builds the CPU kernels (with tile.h, their shared register tile) into one
-                       library with the host's C++ compiler on first use, and registers them
+  cpu_library.py       builds the CPU kernels (with tile.h, their shared register tile, and share.h,
+                       how they share units of work with XLA's thread pool) into one library with the
+                       host's C++ compiler on first use, and registers them
 
 The CPU kernels are float32 and single-device (XLA cannot partition an FFI call across a mesh).
 The Pallas kernels (attention) lower with Triton on GPU and run with `interpret=True` elsewhere (chosen

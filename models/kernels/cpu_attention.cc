@@ -14,15 +14,14 @@
 // and V into 16-column panels once and keeps them while it works on that head's blocks.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
+#include "share.h"
 #include "tile.h"
 
 namespace ffi = xla::ffi;
@@ -156,20 +155,6 @@ void RunUnit(const Problem& p, int64_t unit, Scratch& s) {
   }
 }
 
-struct Work {
-  Problem problem;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-
-  void Claim() {
-    active.fetch_add(1);
-    Scratch scratch;
-    const int64_t units = problem.b * problem.kv * problem.blocks;
-    for (int64_t u; (u = next.fetch_add(1)) < units;) RunUnit(problem, u, scratch);
-    active.fetch_sub(1);
-  }
-};
-
 ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::F32> v, int64_t window, ffi::ResultBuffer<ffi::F32> out,
                                ffi::ResultBuffer<ffi::F32> lse) {
@@ -180,8 +165,7 @@ ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     return ffi::Error::InvalidArgument(
         "cpu_attention: expected q [B, T, N, H], k and v [B, T, K, H] with N % K == 0, window >= 0");
   }
-  auto work = std::make_shared<Work>();
-  Problem& p = work->problem;
+  Problem p;
   p.q = q.typed_data();
   p.k = k.typed_data();
   p.v = v.typed_data();
@@ -200,11 +184,9 @@ ffi::Error CausalAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   p.h_panels = (p.h + kPanel - 1) / kPanel;
   const int64_t units = p.b * p.kv * p.blocks;
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Claim(); });
-  work->Claim();
-  // Every unit is claimed; wait for helpers still computing theirs (a helper that starts now claims none).
-  while (work->active.load() != 0) {
-  }
+  llmf::ShareUnits(pool, units, helpers, [p] {
+    return [p, scratch = Scratch()](int64_t unit) mutable { RunUnit(p, unit, scratch); };
+  });
   return ffi::Error::Success();
 }
 

@@ -25,7 +25,7 @@ import jax
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = (_DIR / "panel_matmul.cc", _DIR / "cpu_attention.cc")
-_HEADERS = (_DIR / "tile.h",)
+_HEADERS = (_DIR / "tile.h", _DIR / "share.h")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {
     "llmf_panel_matmul": "LlmfPanelMatmul",

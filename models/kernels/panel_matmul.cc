@@ -25,6 +25,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "share.h"
 #include "tile.h"
 
 namespace ffi = xla::ffi;
@@ -39,8 +40,7 @@ constexpr int64_t kRowBlock = 96;  // rows per unit: 96 x K floats stay in L2
 // than it saves.
 constexpr int64_t kParallelWork = 1 << 17;
 
-// One product, cut into units. Shared between the caller and pool tasks by shared_ptr: a task that
-// starts after the caller has returned finds no unit left and touches only this state, never the buffers.
+// One product, cut into units (run by llmf::ShareUnits, which keeps this alive while pool tasks may).
 struct Work {
   const float* x;
   const float* w;  // packed [G, S, K, 16], or raw [G, K, N] when `packed` is the scratch to pack into
@@ -54,8 +54,6 @@ struct Work {
   // Raw weights: per (group, chunk) 0 = not packed, 1 = being packed, 2 = packed. The first unit that
   // needs a chunk packs it; another unit that needs it meanwhile waits for that running thread.
   std::unique_ptr<std::atomic<int>[]> state;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
 
   // Group g's packed panels, with chunk `chunk` ready.
   const float* Panels(int64_t g, int64_t chunk) {
@@ -99,12 +97,6 @@ struct Work {
         }
       }
     }
-  }
-
-  void Claim() {
-    active.fetch_add(1);
-    for (int64_t u; (u = next.fetch_add(1)) < unit_start.back();) RunUnit(u);
-    active.fetch_sub(1);
   }
 };
 
@@ -156,14 +148,10 @@ ffi::Error Run(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, cons
   const int64_t weight = groups * panels * k * kPanel, macs = work->row_start.back() * k * panels * kPanel;
   const int64_t helpers = std::max(weight, macs / 16) >= kParallelWork
                               ? std::min<int64_t>(pool.num_threads() - 1, units - 1) : 0;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Claim(); });
   if (work->row_start.back() < m) {  // rows after the last group
     std::memset(y + work->row_start.back() * n, 0, (m - work->row_start.back()) * n * sizeof(float));
   }
-  work->Claim();
-  // Every unit is claimed; wait for helpers still computing theirs (a helper that starts now claims none).
-  while (work->active.load() != 0) {
-  }
+  llmf::ShareUnits(pool, units, helpers, [work] { return [w = work.get()](int64_t unit) { w->RunUnit(unit); }; });
   return ffi::Error::Success();
 }
 
