@@ -1,23 +1,35 @@
 """Beam search: B prompts x W beams in one jitted `lax.while_loop`.
 
-Each step scores every (beam, token) continuation by summed log-probability, keeps the best 2W (at most W
-of them can end in a stop token, so W continue), reorders the processor states and the KV cache to the
-surviving beams (the cache by its [B * W, S] slot indices: the beams share cached keys and values, see
-models/kv_cache.py, so no step copies the cache to reorder it), and moves candidates that end in a stop
-token into a separate pool of finished hypotheses ranked by the length-normalised score
+Each step scores every (beam, token) continuation by summed log-probability, keeps the best
+C = W x max(2, 1 + the number of stop tokens) candidates (at most C - W of them can end in a stop token, so
+W continue), reorders the processor states and the KV cache to the surviving beams (the cache by its
+[B * W, S] slot indices: the beams share cached keys and values, see models/kv_cache.py, so no step copies
+the cache to reorder it), and moves candidates that end in a stop token into a separate pool of W finished
+hypotheses per prompt, ranked by the length-normalised score
 
     score / lp(len),  lp = 1 ("none"), len^alpha ("power"), ((5 + len) / 6)^alpha ("gnmt", as in GNMT/t5x)
 
 where len counts the generated tokens, the stop token included. A prompt's search stops early when its
-pool holds W hypotheses and (`early_stopping`):
-  "eager"      nothing more (Hugging Face's early_stopping=True);
-  "heuristic"  the best live beam, normalised at its current length, cannot beat the worst in the pool;
-  "exact"      not even at the longest reachable length (scores only fall and alpha >= 0, so no live beam
-               can enter the pool: the result is what running to max_new_tokens would give).
-Beams still live at max_new_tokens compete as hypotheses of length max_new_tokens.
+pool holds W hypotheses and (`early_stopping`; in parentheses transformers' name for the same rule):
+  "eager"      nothing more (True);
+  "heuristic"  the best live beam, normalised at its current length, cannot beat the worst in the pool (False);
+  "exact"      not even at its best reachable length, max_new_tokens where alpha > 0, else the current one
+               (scores only fall, so no live beam can enter the pool: the result is what running to
+               max_new_tokens would give) ("never").
 
-The best 2W of the W x V continuations are found in two stages, each beam's best 2W first (they contain
-the overall best 2W), with `top_k_small` instead of `lax.top_k`, whose CPU sort takes milliseconds here.
+Which candidates finish (`scoring`):
+  "t5x"          (default) every candidate that ends in a stop token, as in t5x; beams still live at
+                 max_new_tokens then compete as hypotheses of length max_new_tokens.
+  "huggingface"  transformers' `_beam_search` (`BeamConfig.huggingface` takes its argument names): only
+                 candidates ranked within the best W of the C join the pool (the rest keep W beams alive),
+                 every candidate finishes at max_new_tokens (its max-length criterion), lp is
+                 len^length_penalty of either sign, and the processors (min_new_tokens' too) edit the
+                 log-probs, not renormalised after, instead of the logits.
+
+Candidates are selected (`selection`) by `lax.top_k` ("sort") or without a sort by `top_k_small`
+("chunked"), XLA:CPU's sort making `lax.top_k` take milliseconds here; "auto" picks "chunked" when the
+default backend is the CPU, else "sort". Either way in two stages, each beam's best C first (they contain
+the overall best C), with ties to the lower index, i.e. the lower (beam, token).
 """
 
 from __future__ import annotations
@@ -31,25 +43,33 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from decoding.generate import DecodeOutput
-from decoding.prefill import check_inputs, is_stop, make_decode_step, prefill, stop_array
+from decoding.generate import DecodeOutput, min_new_tokens_processors, special_ids
+from decoding.steps import check_inputs, is_stop, decode_step, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
+from decoding.sampling import backend_default, total_order_key
 from models.config import ModelConfig
+from models.transformer import prepare_params
 from models.kv_cache import KVCache, share_slots
 
 LENGTH_PENALTIES = ("none", "power", "gnmt")
 EARLY_STOPPING = ("eager", "heuristic", "exact")
+SCORINGS = ("t5x", "huggingface")
+SELECTIONS = ("auto", "sort", "chunked")
+HF_EARLY_STOPPING = {True: "eager", False: "heuristic", "never": "exact"}  # transformers' name -> ours
 
 
 @dataclasses.dataclass(frozen=True)
 class BeamConfig:
-    """Static beam-search settings (a jit argument: changing any of them recompiles)."""
+    """Static beam-search settings (a jit argument: changing any of them recompiles). The module docstring
+    describes each; `BeamConfig.huggingface(...)` builds transformers' beam search from its argument names."""
 
     num_beams: int = 4
     num_return: int = 1  # the n-best returned, best first
     length_penalty: str = "gnmt"
     alpha: float = 0.6
     early_stopping: str = "exact"
+    scoring: str = "t5x"
+    selection: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -58,13 +78,34 @@ class BeamConfig:
             raise ValueError(f"num_return={self.num_return!r}: expected 1 <= num_return <= num_beams={self.num_beams}")
         if self.length_penalty not in LENGTH_PENALTIES:
             raise ValueError(f"length_penalty={self.length_penalty!r}: expected one of {', '.join(LENGTH_PENALTIES)}")
-        if not self.alpha >= 0:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring={self.scoring!r}: expected one of {', '.join(SCORINGS)}")
+        if self.scoring == "huggingface":
+            if self.length_penalty != "power" or not math.isfinite(self.alpha):
+                raise ValueError(f"length_penalty={self.length_penalty!r}, alpha={self.alpha!r}: "
+                                 "scoring='huggingface' expects length_penalty='power' and a finite alpha "
+                                 "(transformers' length_penalty)")
+        elif not self.alpha >= 0:
             raise ValueError(f"alpha={self.alpha!r}: expected >= 0 (longer hypotheses may only be favoured)")
         if self.early_stopping not in EARLY_STOPPING:
             raise ValueError(f"early_stopping={self.early_stopping!r}: expected one of {', '.join(EARLY_STOPPING)}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}: expected one of {', '.join(SELECTIONS)}")
+
+    @classmethod
+    def huggingface(cls, num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                    num_return_sequences: int = 1, selection: str = "auto") -> "BeamConfig":
+        """transformers' beam search (`generate(num_beams=..., do_sample=False, ...)`) under its names:
+        hypotheses scored sum_logprobs / generated_length ** length_penalty; early_stopping True, False or
+        "never" (the module docstring says what each does)."""
+        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+            raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
+        return cls(num_beams=num_beams, num_return=num_return_sequences, length_penalty="power",
+                   alpha=float(length_penalty), early_stopping=HF_EARLY_STOPPING[early_stopping],
+                   scoring="huggingface", selection=selection)
 
     def penalty(self, length: jax.Array | int) -> jax.Array:
-        """lp(len) > 0, non-decreasing in len."""
+        """lp(len) > 0, non-decreasing in len where alpha >= 0."""
         length = jnp.asarray(length, jnp.float32)
         if self.length_penalty == "power":
             return length ** self.alpha
@@ -74,39 +115,49 @@ class BeamConfig:
 
 
 def top_k_small(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """x [R, n] -> (values [R, k], indices [R, k]): the k largest (k <= n), largest first, ties by lower index.
+    """x [R, n] -> (values [R, k], indices [R, k]): the k largest (k <= n), largest first, ties by lower index,
+    in lax.top_k's order (floats compared in total order: -0.0 below +0.0).
 
     Without a sort: XLA's CPU sort is slow (`lax.top_k` of 4 x 8000 entries takes ~6 ms). Up to
     RANK_LIMIT entries, each entry's rank comes from comparing all pairs (no loop); beyond, k extractions
-    from sqrt(n)-sized chunks, each reading the chunk maxima and one chunk (~30 us for k = 8 of 4 x 8000),
-    where once only -inf is left the remaining picks are -inf and may repeat an index.
+    from sqrt(n)-sized chunks, each reading the chunk maxima and one chunk (~30 us for k = 8 of 4 x 8000).
+    Both compare int32 keys in lax.top_k's total order; the extraction marks a taken entry below every
+    float (-inf included), so no index repeats.
     """
     rows, n = x.shape
+    keys = total_order_key(x)
     if n <= RANK_LIMIT:
         i = jnp.arange(n)
-        ahead = (x[:, None, :] > x[:, :, None]) | ((x[:, None, :] == x[:, :, None]) & (i < i[:, None]))
+        ahead = (keys[:, None, :] > keys[:, :, None]) | ((keys[:, None, :] == keys[:, :, None]) & (i < i[:, None]))
         rank = jnp.sum(ahead, axis=-1)  # [R, n]: a permutation of 0..n-1 per row
         indices = jnp.sum(jnp.where(rank[:, :, None] == jnp.arange(k), i[:, None], 0), axis=1).astype(jnp.int32)
         return jnp.take_along_axis(x, indices, axis=1), indices
 
     chunk = math.isqrt(n - 1) + 1
     chunks = -(-n // chunk)
-    x = jnp.pad(x, ((0, 0), (0, chunks * chunk - n)), constant_values=-jnp.inf).reshape(rows, chunks, chunk)
+    taken = jnp.iinfo(jnp.int32).min  # the key of no float32 but one NaN: padding and extracted entries
+    keys = jnp.pad(keys, ((0, 0), (0, chunks * chunk - n)), constant_values=taken).reshape(rows, chunks, chunk)
     r = jnp.arange(rows)
 
     def extract(i, carry):
-        x, maxima, values, indices = carry
+        keys, maxima, indices = carry
         c = jnp.argmax(maxima, axis=-1)
-        row = x[r, c]  # [R, chunk]
+        row = keys[r, c]  # [R, chunk]
         j = jnp.argmax(row, axis=-1)
-        values = values.at[:, i].set(row[r, j])
         indices = indices.at[:, i].set((c * chunk + j).astype(jnp.int32))
-        row = row.at[r, j].set(-jnp.inf)
-        return x.at[r, c].set(row), maxima.at[r, c].set(jnp.max(row, axis=-1)), values, indices
+        row = row.at[r, j].set(taken)
+        return keys.at[r, c].set(row), maxima.at[r, c].set(jnp.max(row, axis=-1)), indices
 
-    init = (x, jnp.max(x, axis=-1), jnp.zeros((rows, k), x.dtype), jnp.zeros((rows, k), jnp.int32))
-    _, _, values, indices = jax.lax.fori_loop(0, k, extract, init)
-    return values, indices
+    init = (keys, jnp.max(keys, axis=-1), jnp.zeros((rows, k), jnp.int32))
+    _, _, indices = jax.lax.fori_loop(0, k, extract, init)
+    return jnp.take_along_axis(x, indices, axis=1), indices
+
+
+def select_top_k(x: jax.Array, k: int, selection: str) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` ("sort") or `top_k_small` ("chunked"); "auto" by backend. Identical results."""
+    if backend_default(selection, "chunked", "sort") == "sort":
+        return jax.lax.top_k(x, k)
+    return top_k_small(x, k)
 
 
 RANK_LIMIT = 128  # n^2 comparisons per row: cheaper than a loop of extractions for small n
@@ -129,37 +180,47 @@ class BeamState:
 
 
 def _merge(scores: jax.Array, tokens: jax.Array, logprobs: jax.Array, lengths: jax.Array,
-           keep: int) -> tuple[jax.Array, ...]:
+           keep: int, selection: str) -> tuple[jax.Array, ...]:
     """The `keep` best of n hypotheses per prompt: scores/lengths [B, n], tokens/logprobs [B, n, M]."""
-    best, idx = top_k_small(scores, keep)
+    best, idx = select_top_k(scores, keep, selection)
     pick = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
     return best, pick(tokens), pick(logprobs), pick(lengths)
 
 
 def beam_search(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, *, max_new_tokens: int,
                 beam: BeamConfig = BeamConfig(), processors: Sequence[LogitsProcessor] = (),
-                stop_tokens: Sequence[int] = (), pad_id: int = 0) -> DecodeOutput:
+                stop_tokens: Sequence[int] | None = None, pad_id: int | None = None, min_new_tokens: int = 0,
+                tokenizer: Any = None) -> DecodeOutput:
     """The `beam.num_return` best continuations of each right-padded prompt [B, P], best first.
 
     Returns tokens/logprobs [B, N, M], lengths [B, N] and length-normalised scores [B, N] (-inf marks a
-    slot with no hypothesis, possible only with fewer than N distinct continuations). What recompiles:
-    as for `decoding.generate.generate`, with `beam` in place of the sampler.
+    slot with no hypothesis, possible only with fewer than N distinct continuations). `stop_tokens`,
+    `pad_id`, `min_new_tokens`, `tokenizer` and what recompiles: as for `decoding.generate.generate`, with
+    `beam` and the number of distinct stop tokens in place of the sampler.
     """
     check_inputs(cfg, prompt, prompt_lengths, max_new_tokens)
+    stop_tokens, pad_id = special_ids(tokenizer, stop_tokens, pad_id)
+    stop = stop_array(stop_tokens)
+    processors = min_new_tokens_processors(min_new_tokens, max_new_tokens, stop) + tuple(processors)
+    candidates = beam.num_beams * max(2, 1 + len(set(stop_tokens)))
     return _beam_search(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
-                        tuple(processors), stop_array(stop_tokens), cfg=cfg, max_new_tokens=max_new_tokens,
-                        beam=beam, pad_id=pad_id)
+                        processors, stop, jnp.asarray(pad_id, jnp.int32), cfg=cfg, max_new_tokens=max_new_tokens,
+                        beam=beam, candidates=candidates)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "beam", "candidates"))
 def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, processors: tuple[LogitsProcessor, ...],
-                 stop: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, beam: BeamConfig,
-                 pad_id: int) -> DecodeOutput:
+                 stop: jax.Array, pad_id: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, beam: BeamConfig,
+                 candidates: int) -> DecodeOutput:
     batch, width, m = prompt.shape[0], beam.num_beams, max_new_tokens
     vocab = cfg.vocab_size
+    huggingface = beam.scoring == "huggingface"
+    top_k = functools.partial(select_top_k, selection=beam.selection)
+    per_beam = min(candidates, vocab)
+    candidates = min(candidates, width * per_beam)
     cache, logits = prefill(params, cfg, prompt, prompt_lengths, m, width)
-    cache = share_slots(cache)
-    decode_step = make_decode_step(params, cfg, batch * width, cache)
+    cache = share_slots(cache, width)
+    step_params = prepare_params(params, cfg, batch * width)  # once, before the loop
     states = init_states(processors, prompt, prompt_lengths, vocab)
     states = take_rows(states, jnp.repeat(jnp.arange(batch), width))
     first_only = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # identical beams: expand one
@@ -177,45 +238,51 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
 
     def body(s: BeamState) -> BeamState:
         t = s.step
-        logits = apply_processors(processors, s.processor_states, s.logits, t)
-        logp = jax.nn.log_softmax(logits)  # [B * W, V]
-        # The best 2W of all W x V continuations are among each beam's best 2W: select in two stages.
-        per_beam = min(2 * width, vocab)
-        beam_logp, beam_token = top_k_small(logp, per_beam)  # [B * W, per_beam]
+        if huggingface:
+            logp = apply_processors(processors, s.processor_states, jax.nn.log_softmax(s.logits), t)
+        else:
+            logp = jax.nn.log_softmax(apply_processors(processors, s.processor_states, s.logits, t))  # [B * W, V]
+        # The best C of all W x V continuations are among each beam's best C: select in two stages.
+        beam_logp, beam_token = top_k(logp, per_beam)  # [B * W, per_beam]
         total = s.alive_scores.reshape(-1, 1) + beam_logp
-        scores, idx = top_k_small(total.reshape(batch, width * per_beam), 2 * width)  # [B, 2W]
+        scores, idx = top_k(total.reshape(batch, width * per_beam), candidates)  # [B, C], best first
         parent = idx // per_beam
         token = jnp.take_along_axis(beam_token.reshape(batch, -1), idx, axis=1)
         token_logp = jnp.take_along_axis(beam_logp.reshape(batch, -1), idx, axis=1)
 
-        def extend(history: jax.Array, new: jax.Array) -> jax.Array:  # [B, W, M] -> [B, 2W, M]
+        def extend(history: jax.Array, new: jax.Array) -> jax.Array:  # [B, W, M] -> [B, C, M]
             history = jnp.take_along_axis(history, parent[..., None], axis=1)
             return jax.lax.dynamic_update_slice(history, new[..., None], (0, 0, t))
 
         tokens, logprobs = extend(s.alive_tokens, token), extend(s.alive_logprobs, token_logp)
         ends = is_stop(token, stop)
+        joins = ~s.stopped[:, None]  # a prompt that stopped early keeps its pool as it is
+        if huggingface:
+            # transformers' max-length criterion finishes every candidate at max_new_tokens, and only the
+            # best W candidates may join the pool (the others are there to keep W beams alive).
+            ends = ends | (t + 1 == m)
+            joins = joins & (jnp.arange(candidates) < width)
 
-        # Finished candidates join the pool; a prompt that stopped early keeps its pool as it is.
-        new_done = jnp.where(ends & ~s.stopped[:, None], scores / beam.penalty(t + 1), -jnp.inf)
+        new_done = jnp.where(ends & joins, scores / beam.penalty(t + 1), -jnp.inf)
         done = _merge(jnp.concatenate([s.done_scores, new_done], 1),
                       jnp.concatenate([s.done_tokens, tokens], 1), jnp.concatenate([s.done_logprobs, logprobs], 1),
-                      jnp.concatenate([s.done_lengths, jnp.full(token.shape, t + 1)], 1), width)
+                      jnp.concatenate([s.done_lengths, jnp.full(token.shape, t + 1)], 1), width, beam.selection)
         done_scores, done_tokens, done_logprobs, done_lengths = done
 
-        alive_scores, keep = top_k_small(jnp.where(ends, -jnp.inf, scores), width)  # [B, W] of the 2W
+        alive_scores, keep = top_k(jnp.where(ends, -jnp.inf, scores), width)  # [B, W] of the C
         pick = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
         rows = (jnp.arange(batch)[:, None] * width + pick(parent)).reshape(-1)
         new_tokens = pick(token).reshape(-1)
         states = update_states(processors, take_rows(s.processor_states, rows), new_tokens)
-        logits, cache = decode_step(new_tokens, tuple(c.reorder(rows) for c in s.cache))
+        logits, cache = decode_step(step_params, cfg, new_tokens, tuple(c.reorder(rows) for c in s.cache))
 
         best_alive = jnp.max(alive_scores, axis=-1)
         worst_done = jnp.min(done_scores, axis=-1)
         full = worst_done > -jnp.inf
         if beam.early_stopping == "eager":
             stop_now = full
-        else:
-            at = t + 1 if beam.early_stopping == "heuristic" else m
+        else:  # the penalty grows with the length only where alpha > 0
+            at = m if beam.early_stopping == "exact" and beam.alpha > 0 else t + 1
             stop_now = full & (best_alive / beam.penalty(at) <= worst_done)
         return BeamState(
             step=t + 1, cache=cache, logits=logits, alive_tokens=pick(tokens), alive_logprobs=pick(logprobs),
@@ -229,5 +296,6 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
     scores, tokens, logprobs, lengths = _merge(
         jnp.concatenate([s.done_scores, alive], 1), jnp.concatenate([s.done_tokens, s.alive_tokens], 1),
         jnp.concatenate([s.done_logprobs, s.alive_logprobs], 1),
-        jnp.concatenate([s.done_lengths, jnp.full((batch, width), m, jnp.int32)], 1), beam.num_return)
+        jnp.concatenate([s.done_lengths, jnp.full((batch, width), m, jnp.int32)], 1), beam.num_return,
+        beam.selection)
     return DecodeOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, scores=scores)

@@ -2,7 +2,8 @@
 
     python -m decoding.generate --checkpoint RUN_DIR --prompt "Once upon" [--strategy greedy|sample|beam]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--num-samples N]
-        [--num-beams W] [--num-return N] [--max-new-tokens M] [--seed S] [--step STEP] [--stream-every N] [--no-stream]
+        [--num-beams W] [--num-return N] [--max-new-tokens M] [--min-new-tokens N] [--seed S] [--step STEP]
+        [--stream-every N] [--no-stream]
 
 RUN_DIR is what `python -m research.train --out RUN_DIR` wrote: run.json (the config), tokenizer/ and
 checkpoints/ (only the params are read), or a Hugging Face checkpoint converted by `python -m research.convert`.
@@ -15,7 +16,6 @@ prefix to print early).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-beams", type=int, default=4, help="beam: beam width")
     p.add_argument("--num-return", type=int, default=1, help="beam: hypotheses printed, best first")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no end of text before this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--stream-every", type=int, default=4, help="steps between printed updates")
@@ -79,33 +80,6 @@ class TextStream:
             self.printed = text
 
 
-def load_run(run_dir: Path, step: int | None) -> tuple[Any, Any, Any]:
-    """(TrainConfig, params, tokenizer) of a training run directory."""
-    # The run's config, tokenizer and checkpoints belong to the research harness, which sits above
-    # `decoding`; importing it here, only for the command line, keeps the library's layering one-way.
-    from research.checkpoint import Checkpointer
-    from research.config import MeshConfig, TrainConfig, from_dict
-    from research.mesh import make_mesh
-    from research.tokenizer import load_tokenizer
-    from research.train_step import build_steps
-
-    record_path = run_dir / "run.json"
-    if not record_path.is_file():
-        raise ValueError(f"--checkpoint {run_dir}: no run.json (expected a directory written by research.train)")
-    cfg = from_dict(TrainConfig, json.loads(record_path.read_text())["config"])
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        steps = ckpt.all_steps()
-        if not steps or (step is not None and step not in steps):
-            raise ValueError(f"--step {step}: not among the saved checkpoints {steps} in {ckpt.directory}"
-                             if steps else f"--checkpoint {run_dir}: no checkpoints saved")
-        abstract = build_steps(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1])).abstract_state
-        params = ckpt.restore_params(step if step is not None else max(steps), abstract.params)
-    finally:
-        ckpt.close()
-    return cfg, params, load_tokenizer(run_dir / "tokenizer")
-
-
 def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
@@ -115,24 +89,31 @@ def run(args: argparse.Namespace) -> None:
     sampler, sampling = make_sampler(1, "greedy" if args.strategy == "beam" else args.strategy,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p)
+    # The run directory belongs to the research harness, which sits above `decoding`; importing it here,
+    # only for the command line, keeps the library's layering one-way.
+    from research.runs import load_run
+
     cfg, params, tokenizer = load_run(Path(args.checkpoint), args.step)
-    # Hugging Face tokenizers may start every text with ids their model expects (Llama's bos): prompt_prefix.
-    ids = list(getattr(tokenizer, "prompt_prefix", [])) + tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    if tokenizer is None:
+        raise ValueError(f"--checkpoint {args.checkpoint}: no tokenizer/ (the model folder it was converted "
+                         "from had no tokenizer files)")
+    # As the model saw text in training: with bos where its tokenizer adds one (Llama's, Mistral's).
+    ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     prompt, lengths = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
     processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
-    common = dict(max_new_tokens=args.max_new_tokens, processors=processors, stop_tokens=(tokenizer.eos_id,),
-                  pad_id=tokenizer.pad_id)
+    common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, processors=processors,
+                  stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
 
     streamed = beam is None and args.num_samples == 1 and not args.no_stream
     stream = TextStream(tokenizer) if streamed else None
     start = time.perf_counter()
     if beam is not None:
-        out = beam_search(params, cfg.model, prompt, lengths, beam=beam, **common)
+        out = beam_search(params, cfg, prompt, lengths, beam=beam, **common)
     else:
         if stream is not None:
             sys.stdout.write(args.prompt)
             sys.stdout.flush()
-        out = generate(params, cfg.model, prompt, lengths, jax.random.key(args.seed), sampler=sampler,
+        out = generate(params, cfg, prompt, lengths, jax.random.key(args.seed), sampler=sampler,
                        sampling=sampling, num_samples=args.num_samples, stream=stream,
                        stream_every=args.stream_every, **common)
     out = jax.device_get(out)

@@ -8,10 +8,17 @@
 The loop state is a pytree (`DecodeState`) holding, besides the cache and outputs, one state per logits
 processor (decoding/processors.py). Each step: processors -> sampling filters -> token -> model.
 
+Stop and pad ids (here and in beam search): explicit arguments win (`stop_tokens=()` is no stop token);
+`stop_tokens=None` is `(tokenizer.eos_id,)` with a `tokenizer` (any object with `eos_id` and `pad_id`;
+an id that is None or negative counts as absent), else no stop token; `pad_id=None` is the tokenizer's
+pad id, else the first stop token, else 0. `min_new_tokens` gives the stop tokens -inf until that many
+tokens have been generated.
+
 What recompiles: shapes (batch, padded prompt width, the stop-token count past each multiple of 4),
-`cfg`, `max_new_tokens`, `num_samples`, `pad_id`, the `SamplerConfig` flags, the processors' types and
-static fields, and `stream` (the function). What does not: the parameters, prompts and their lengths,
-the key, the per-row sampling values, the processors' array values, the stop token ids, `stream_every`.
+`cfg`, `max_new_tokens`, `num_samples`, whether `min_new_tokens` is 0, the `SamplerConfig`, the
+processors' types and static fields, and `stream` (the function). What does not: the parameters, prompts
+and their lengths, the key, the per-row sampling values, the processors' array values, the stop token
+ids, `pad_id`, the value of `min_new_tokens`, `stream_every`.
 
 Command line (decoding/cli.py):
     python -m decoding.generate --checkpoint RUN_DIR --prompt "Once" --strategy sample --top-p 0.9
@@ -27,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.prefill import check_inputs, check_prompt, is_stop, make_decode_step, prefill, stop_array
-from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
+from decoding.steps import check_inputs, check_prompt, is_stop, decode_step, prefill, stop_array
+from decoding.processors import (LogitsProcessor, MinNewTokens, apply_processors, init_states, take_rows,
+                                 update_states)
 from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
 from models.config import ModelConfig
+from models.transformer import prepare_params
 from models.kv_cache import KVCache
 from models.transformer import Transformer
 
@@ -65,11 +74,14 @@ class DecodeOutput:
 
 def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rng: jax.Array | None = None, *,
              max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(), sampling: SamplingParams | None = None,
-             processors: Sequence[LogitsProcessor] = (), stop_tokens: Sequence[int] = (), pad_id: int = 0,
-             num_samples: int = 1, stream: StreamFn | None = None, stream_every: int = 8) -> DecodeOutput:
+             processors: Sequence[LogitsProcessor] = (), stop_tokens: Sequence[int] | None = None,
+             pad_id: int | None = None, min_new_tokens: int = 0, tokenizer: Any = None, num_samples: int = 1,
+             stream: StreamFn | None = None, stream_every: int = 8) -> DecodeOutput:
     """Continues right-padded prompts [B, P] (row b valid up to prompt_lengths[b]) greedily or by sampling.
 
-    Each prompt gets `num_samples` rows; a row stops after a token in `stop_tokens` or `max_new_tokens`.
+    Each prompt gets `num_samples` rows; a row stops after a token in `stop_tokens` (not before
+    `min_new_tokens` tokens) or `max_new_tokens`. Defaults of `stop_tokens` / `pad_id` from `tokenizer`:
+    the module docstring.
     `sampling` (from `make_sampler`) is required when `sampler.sample`; `rng` (a PRNG key) then makes the
     result reproducible. `stream` receives the tokens so far on the host every `stream_every` steps: one
     host callback from inside the loop costs 0.3-1 ms on a busy 2-core CPU, as much as a whole decode step
@@ -86,18 +98,50 @@ def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rn
         if np.shape(sampling.temperature) != np.shape(prompt)[:1]:
             raise ValueError(f"sampling: expected one value per prompt ({np.shape(prompt)[0]}), "
                              f"got shape {np.shape(sampling.temperature)}")
+    stop_tokens, pad_id = special_ids(tokenizer, stop_tokens, pad_id)
+    stop = stop_array(stop_tokens)
+    processors = min_new_tokens_processors(min_new_tokens, max_new_tokens, stop) + tuple(processors)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), rng,
-                     sampling if sampler.sample else None, tuple(processors), stop_array(stop_tokens), cfg=cfg,
-                     max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, num_samples=num_samples,
+                     sampling if sampler.sample else None, processors, stop, jnp.asarray(pad_id, jnp.int32),
+                     cfg=cfg, max_new_tokens=max_new_tokens, sampler=sampler, num_samples=num_samples,
                      stream=stream, stream_every=jnp.asarray(stream_every, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler", "pad_id", "num_samples", "stream"))
+def _present(token_id: Any) -> int | None:
+    """A tokenizer's special id, or None where it has none (None, or negative as in SentencePiece)."""
+    return None if token_id is None or int(token_id) < 0 else int(token_id)
+
+
+def special_ids(tokenizer: Any, stop_tokens: Sequence[int] | None, pad_id: int | None) -> tuple[tuple[int, ...], int]:
+    """(stop tokens, pad id) by the rule in the module docstring: explicit arguments, then the tokenizer's."""
+    if stop_tokens is None:
+        eos = _present(tokenizer.eos_id) if tokenizer is not None else None
+        stop_tokens = () if eos is None else (eos,)
+    stop_tokens = tuple(stop_tokens)
+    if pad_id is None:
+        pad_id = _present(tokenizer.pad_id) if tokenizer is not None else None
+    if pad_id is None:
+        pad_id = stop_tokens[0] if stop_tokens else 0
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
+        raise ValueError(f"pad_id={pad_id!r}: expected an integer token id")
+    return stop_tokens, int(pad_id)
+
+
+def min_new_tokens_processors(min_new_tokens: int, max_new_tokens: int, stop: jax.Array) -> tuple[MinNewTokens, ...]:
+    """The processor that holds the stop tokens back, first in line; none for 0 (nothing compiled in)."""
+    if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer))
+            or not 0 <= min_new_tokens <= max_new_tokens):
+        raise ValueError(f"min_new_tokens={min_new_tokens!r}: expected an integer with "
+                         f"0 <= min_new_tokens <= max_new_tokens={max_new_tokens}")
+    return (MinNewTokens(jnp.asarray(min_new_tokens, jnp.int32), stop),) if min_new_tokens > 0 else ()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampler", "num_samples", "stream"))
 def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
-              sampling: SamplingParams | None, processors: tuple[LogitsProcessor, ...], stop: jax.Array, *,
-              cfg: ModelConfig, max_new_tokens: int, sampler: SamplerConfig, pad_id: int, num_samples: int,
-              stream: StreamFn | None, stream_every: jax.Array) -> DecodeOutput:
+              sampling: SamplingParams | None, processors: tuple[LogitsProcessor, ...], stop: jax.Array,
+              pad_id: jax.Array, *, cfg: ModelConfig, max_new_tokens: int, sampler: SamplerConfig,
+              num_samples: int, stream: StreamFn | None, stream_every: jax.Array) -> DecodeOutput:
     batch = prompt.shape[0]
     rows = batch * num_samples
     cache, logits = prefill(params, cfg, prompt, prompt_lengths, max_new_tokens, num_samples)
@@ -111,7 +155,7 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
         tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
         done=jnp.zeros((rows,), bool), processor_states=states)
-    decode_step = make_decode_step(params, cfg, rows, cache)
+    step_params = prepare_params(params, cfg, rows)  # once, before the loop
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -128,11 +172,12 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
             last = (s.step + 1 == max_new_tokens) | jnp.all(done)
             jax.lax.cond(((s.step + 1) % stream_every == 0) | last,
                          lambda: jax.debug.callback(stream, tokens, lengths, ordered=True), lambda: None)
-        logits, cache = decode_step(token, s.cache)
+        logits, cache = decode_step(step_params, cfg, token, s.cache)
         return DecodeState(
             step=s.step + 1, cache=cache, logits=logits, tokens=tokens,
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step)),
-            lengths=lengths, done=done, processor_states=update_states(processors, s.processor_states, token))
+            lengths=lengths, done=done,
+            processor_states=update_states(processors, s.processor_states, token, live=~s.done))
 
     state = jax.lax.while_loop(cond, body, state)
     shape = (batch, num_samples)

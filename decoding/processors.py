@@ -9,10 +9,13 @@ values does not recompile; its type and static fields are part of the compiled p
 
 The loops hold a tuple of states (one per processor) in their state pytree. `init` sees one row per
 prompt; the loop then repeats the state rows to the R rows it decodes (samples or beams of a prompt are
-adjacent rows), and beam search gathers them with the surviving beams each step. Processors run in order,
-before the sampling filters, and define the distribution the log-probs and beam scores refer to; they
-must leave at least one token with a finite logit. A later constrained-decoding automaton fits the same
-shape: state = automaton state, process = mask, update = transition.
+adjacent rows), and beam search gathers them with the surviving beams each step. `update` sees only the
+tokens rows chose: a row that has finished keeps the state it had at its stop token (the pad id written
+after it is not a token). Processors run in order, before the sampling filters, and define the
+distribution the log-probs and beam scores refer to (beam search with `scoring="huggingface"` applies them
+to the log-probs instead, as transformers does); they must leave at least one token with a finite logit.
+A later constrained-decoding automaton fits the same shape: state = automaton state, process = mask,
+update = transition.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, Protocol, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from decoding.steps import is_stop
 
 State = Any
 
@@ -46,9 +51,13 @@ def apply_processors(processors: Sequence[LogitsProcessor], states: tuple[State,
     return logits
 
 
-def update_states(processors: Sequence[LogitsProcessor], states: tuple[State, ...],
-                  tokens: jax.Array) -> tuple[State, ...]:
-    return tuple(p.update(s, tokens) for p, s in zip(processors, states))
+def update_states(processors: Sequence[LogitsProcessor], states: tuple[State, ...], tokens: jax.Array,
+                  live: jax.Array | None = None) -> tuple[State, ...]:
+    """live [R] bool (None: all): rows whose states advance; the others keep theirs."""
+    new = tuple(p.update(s, tokens) for p, s in zip(processors, states))
+    if live is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(live.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, states)
 
 
 def take_rows(tree: Any, rows: jax.Array) -> Any:
@@ -107,3 +116,25 @@ class BannedBigrams:
 
     def update(self, state: State, tokens: jax.Array) -> State:
         return tokens
+
+
+@flax.struct.dataclass
+class MinNewTokens:
+    """Stop tokens get -inf until `min_new_tokens` tokens have been generated (transformers'
+    MinNewTokensLengthLogitsProcessor). The loops add it first when their `min_new_tokens` > 0.
+
+    min_new_tokens: [] int32. stop: [S] int32 (decoding.steps.stop_array: -1 pads). No state.
+    """
+
+    min_new_tokens: jax.Array
+    stop: jax.Array
+
+    def init(self, prompt: jax.Array, prompt_lengths: jax.Array, vocab_size: int) -> State:
+        return ()
+
+    def process(self, state: State, logits: jax.Array, step: jax.Array) -> jax.Array:
+        stops = is_stop(jnp.arange(logits.shape[-1]), self.stop)
+        return jnp.where(stops & (step < self.min_new_tokens), -jnp.inf, logits)
+
+    def update(self, state: State, tokens: jax.Array) -> State:
+        return state

@@ -11,9 +11,13 @@ k-th largest, top-p every token whose strictly-more-probable mass is < p (the sm
 sorted distribution whose mass reaches p, plus ties of its last token), min-p every token with
 probability >= min_p * the largest. A row with temperature 0 is greedy.
 
-No sort: XLA's CPU sort of one 8000-entry row costs ~2 ms, more than a whole decode step of a 7M-param
-model, so thresholds are found by bisection over the float bits (32 masked reductions) and the sample by
-inverse CDF with a two-level (blocked) cumulative sum and one uniform number per row.
+Two ways to find the top-k and top-p thresholds (`SamplerConfig.method`), with the same kept sets:
+  "sort"    sort the row, read the k-th largest value / the logit of the last token (in descending order)
+            whose preceding mass is < p: the natural path on accelerators, and the reference for the other;
+  "bisect"  bisection over the float bits (32 masked reductions per threshold), no sort: XLA's CPU sort
+            of one 8000-entry row costs ~2 ms, more than a whole decode step of a 7M-param model;
+  "auto"    (default) "bisect" when the default backend is the CPU, else "sort", chosen when traced.
+The sample is drawn by inverse CDF with a two-level (blocked) cumulative sum and one uniform number per row.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 STRATEGIES = ("greedy", "sample")
+METHODS = ("auto", "sort", "bisect")
 _INT_MIN, _INT_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 
@@ -39,6 +44,11 @@ class SamplerConfig:
     top_k: bool = False
     top_p: bool = False
     min_p: bool = False
+    method: str = "auto"  # how top-k / top-p thresholds are found: "auto", "sort" or "bisect" (module doc)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
 
 
 @flax.struct.dataclass
@@ -65,7 +75,7 @@ def _check_range(name: str, values: np.ndarray, ok: np.ndarray, allowed: str) ->
 
 def make_sampler(batch: int, strategy: str = "sample", *, temperature: float | Sequence[float] = 1.0,
                  top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
-                 min_p: float | Sequence[float] = 0.0) -> tuple[SamplerConfig, SamplingParams]:
+                 min_p: float | Sequence[float] = 0.0, method: str = "auto") -> tuple[SamplerConfig, SamplingParams]:
     """Validates per-prompt values (scalars broadcast to `batch`) and compiles in only the filters in use.
 
     A filter whose value is "off" for every row is left out of the program; turning it on recompiles.
@@ -81,15 +91,22 @@ def make_sampler(batch: int, strategy: str = "sample", *, temperature: float | S
     _check_range("top_p", p, (p > 0) & (p <= 1), "0 < top_p <= 1 (1 is off)")
     _check_range("min_p", m, (m >= 0) & (m <= 1), "0 <= min_p <= 1 (0 is off)")
     config = SamplerConfig(sample=strategy == "sample", top_k=bool(np.any(k > 0)), top_p=bool(np.any(p < 1)),
-                           min_p=bool(np.any(m > 0)))
+                           min_p=bool(np.any(m > 0)), method=method)
     params = SamplingParams(temperature=jnp.asarray(t), top_k=jnp.asarray(np.minimum(k, _INT_MAX), jnp.int32),
                             top_p=jnp.asarray(p), min_p=jnp.asarray(m))
     return config, params
 
 
-def _sort_key(x: jax.Array) -> jax.Array:
-    """float32 -> int32 with the same order (and -0.0 == +0.0), so bisection can search exact values."""
-    bits = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)
+def backend_default(method: str, cpu: str, accelerator: str) -> str:
+    """Resolves "auto" when traced: the `cpu` path on XLA:CPU (whose sort is slow), else `accelerator`."""
+    if method != "auto":
+        return method
+    return cpu if jax.default_backend() == "cpu" else accelerator
+
+
+def total_order_key(x: jax.Array) -> jax.Array:
+    """float32 -> int32 in the order lax.sort / lax.top_k give floats (-0.0 < +0.0, -inf above -NaN)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
     return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
@@ -110,19 +127,39 @@ def _bisect(pred, rows: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.fori_loop(0, 32, halve, start)
 
 
-def top_k_mask(logits: jax.Array, k: jax.Array) -> jax.Array:
+def _value_key(x: jax.Array) -> jax.Array:
+    # The masks compare values, so -0.0 and +0.0 must be one key (XLA folds `x + 0.0` away, so a where).
+    return total_order_key(jnp.where(x == 0, 0.0, x))
+
+
+def top_k_mask(logits: jax.Array, k: jax.Array, method: str = "auto") -> jax.Array:
     """logits [R, V], k [R] -> [R, V] bool: logit >= the k-th largest (ties kept); k <= 0 or k >= V: all."""
-    keys = _sort_key(logits)
+    vocab = logits.shape[-1]
+    off = (k <= 0) | (k >= vocab)
+    if backend_default(method, "bisect", "sort") == "sort":
+        # k is per row and traced, and lax.top_k needs a static k: the k-th value is read from the sorted row.
+        ascending = jnp.sort(logits, axis=-1)
+        kth = jnp.take_along_axis(ascending, jnp.clip(vocab - k, 0, vocab - 1)[:, None], axis=-1)
+        return off[:, None] | (logits >= kth)
+    keys = _value_key(logits)
     # The largest key t with count(keys >= t) >= k is the k-th largest key.
     kth, _ = _bisect(lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k, logits.shape[0])
-    off = (k <= 0) | (k >= logits.shape[-1])
     return off[:, None] | (keys >= kth[:, None])
 
 
-def top_p_mask(logits: jax.Array, p: jax.Array) -> jax.Array:
+def top_p_mask(logits: jax.Array, p: jax.Array, method: str = "auto") -> jax.Array:
     """logits [R, V], p [R] -> [R, V] bool: tokens whose strictly-more-probable mass is < p; p >= 1: all."""
-    keys = _sort_key(logits)
     probs = jax.nn.softmax(logits, axis=-1)
+    if backend_default(method, "bisect", "sort") == "sort":
+        # Descending by logit, carrying the probabilities. The mass before a position is >= the mass strictly
+        # more probable than its token, equal at the first of a run of ties, so the positions with mass
+        # before < p are a prefix that ends in the last token kept; its logit is the threshold.
+        neg_sorted, sorted_probs = jax.lax.sort((-logits, probs), dimension=-1, num_keys=1)
+        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        last = jnp.sum(before < p[:, None], axis=-1) - 1  # >= 0: nothing comes before the first
+        threshold = -jnp.take_along_axis(neg_sorted, last[:, None], axis=-1)
+        return (p >= 1)[:, None] | (logits >= threshold)
+    keys = _value_key(logits)
     # Smallest key t with mass(keys > t) < p; the predicate below is its negation, true below t.
     _, threshold = _bisect(lambda t: jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=-1) >= p,
                            logits.shape[0])
@@ -144,9 +181,9 @@ def filter_logits(config: SamplerConfig, params: SamplingParams, logits: jax.Arr
     t = params.temperature
     logits = logits / jnp.where(t > 0, t, 1.0)[:, None]
     if config.top_k:
-        logits = jnp.where(top_k_mask(logits, params.top_k), logits, -jnp.inf)
+        logits = jnp.where(top_k_mask(logits, params.top_k, config.method), logits, -jnp.inf)
     if config.top_p:
-        logits = jnp.where(top_p_mask(logits, params.top_p), logits, -jnp.inf)
+        logits = jnp.where(top_p_mask(logits, params.top_p, config.method), logits, -jnp.inf)
     if config.min_p:
         logits = jnp.where(min_p_mask(logits, params.min_p), logits, -jnp.inf)
     return logits

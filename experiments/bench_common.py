@@ -3,6 +3,7 @@ timing, and the run environment."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import os
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 
 from models.transformer import Transformer, init_params, unbox
-from research.config import MeshConfig, TrainConfig
+from research.config import MeshConfig, TrainConfig, to_dict
 from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, library_versions
 from research.train_step import build_steps
@@ -98,3 +99,8 @@ def environment(load_start: tuple[float, float, float]) -> dict[str, Any]:
         "devices": device_info(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def resolved_config(cfg: TrainConfig) -> dict:
+    """The config as a dict with the model's "auto" implementations resolved: what the benchmark ran."""
+    return to_dict(dataclasses.replace(cfg, model=cfg.model.resolved()))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from models.attention import xla_attention
+from models.attention import masked_attention
 from models.kernels.decode_attention import DecodeBlockSizes, decode_attention
 from models.kernels.flash_attention import BlockSizes, flash_attention
 from research.flops import measure_matmul_peak
@@ -121,7 +121,7 @@ def bench_decode(cache_len: int, tiles: DecodeBlockSizes | None) -> dict[str, An
     lengths = jnp.full((b,), cache_len, jnp.int32)
     if tiles is None:  # the model's XLA path: masked attention over the whole cache
         slots = jnp.broadcast_to(jnp.arange(cache_len), (b, cache_len))
-        fn = jax.jit(lambda q, k, v, lengths: xla_attention(q[:, None], k, v, lengths[:, None] - 1, slots,
+        fn = jax.jit(lambda q, k, v, lengths: masked_attention(q[:, None], k, v, lengths[:, None] - 1, slots,
                                                             lengths, 0))
     else:
         fn = jax.jit(functools.partial(decode_attention, block_sizes=tiles, interpret=False))

@@ -34,7 +34,7 @@ from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
 from experiments.bench_common import environment
 from models.config import ModelConfig
-from models.kernels import panel_matmul
+from models.kernels import cpu
 from models.transformer import init_params, unbox
 from research.hf_checkpoint import save_weights
 from research.hf_config import hf_config_from_model
@@ -298,15 +298,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = {
         "quick": args.quick,
-        "model": {"config": cfg.__dict__, "param_count": cfg.param_count()},
+        "model": {"config": cfg.__dict__, "resolved": cfg.resolved().__dict__, "param_count": cfg.param_count()},
         "throughput": throughput,
         "target_ratio_vs_hf_batch1": TARGET_RATIO,
         "reference_hf_batch1_tokens_per_s": REFERENCE_HF_BATCH1,
         "hf_torch_threads": torch_threads,
         "hf_same_greedy_tokens": same_tokens,
-        # What ran the decode steps' weight matmuls (decoding/loop_step.py): the kernel, or XLA's matmul.
-        "decode_weight_matmuls": ("panel_matmul kernel" if panel_matmul.available()
-                                  else f"xla (kernel unavailable: {panel_matmul.unavailable_reason()})"),
+        # What ran the decode steps' weight matmuls (models.transformer.prepare_params): the panel kernel on
+        # packed weights (up to linear.PACKED_MAX_ROWS rows), or XLA's matmul.
+        "decode_weight_matmuls": ("panel_matmul kernel" if cpu.available()
+                                  else f"xla (kernel unavailable: {cpu.unavailable_reason()})"),
         "streaming": streaming,
         "cache_vs_recompute": cache,
         "figure": str(figure),

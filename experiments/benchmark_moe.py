@@ -11,8 +11,8 @@ REPEATS rounds), so a neighbour's load falls on all of them alike:
             capacity buffers; sorted dropless blocks) and GShard's one-hot dispatch/combine einsums;
   forward   forward tokens/s of mixtral-22m against transformers' MixtralForCausalLM (PyTorch CPU,
             random init, same dimensions). Optional (`pip install -e .[hf]`): recorded as "not installed".
-            Ours twice: with XLA's ops, and with the CPU kernels (model.matmul_impl=cpu and
-            model.attention_impl=cpu: models/kernels/), recorded as unavailable if they cannot be built.
+            Ours twice: with XLA's ops, and with the CPU kernels (model.matmul_impl=cpu_panel and
+            model.attention_impl=cpu_fused: models/kernels/cpu/), recorded as unavailable if they cannot be built.
             Chains of square matmuls (1024 and 2048) run in the same rounds: the best FLOP/s (the
             machine's matmul peak) gives the forwards' MFU and the ratio to HF that ours would reach
             at that peak.
@@ -33,19 +33,19 @@ import numpy as np
 
 from configs.presets import mixtral_22m, smoke
 from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
-                                     interleaved_best, random_tokens, train_runner)
+                                      interleaved_best, random_tokens, resolved_config, train_runner)
 from models.config import ModelConfig
-from models.kernels import cpu_library
+from models.kernels import cpu
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import unbox
-from research.config import TrainConfig, to_dict
+from research.config import TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain
 from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
 TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the issue
-CPU_KERNELS = {"matmul_impl": "cpu", "attention_impl": "cpu"}  # the forward's second contender
+CPU_KERNELS = {"matmul_impl": "cpu_panel", "attention_impl": "cpu_fused"}  # the forward's second contender
 TRAIN_CAPACITY_FACTOR = 1.25
 REPEATS = 3  # rounds; each contender's best round is reported
 FORWARD_REPEATS = 5  # forward passes are short: more rounds for the same time
@@ -135,7 +135,7 @@ def bench_dispatch(cfg: ModelConfig, batch: int, seq_len: int) -> dict[str, Any]
         "onehot_einsum_capacity": layer_runner(gshard, params, x),
         "dense_mlp_same_active": layer_runner(lambda p, x: mlp.apply({"params": p}, x), mlp_params, x),
     }
-    if cpu_library.available():  # sorted rows without padding, the experts by the grouped CPU kernel
+    if cpu.available():  # sorted rows without padding, the experts by the grouped CPU kernel
         runners["sorted_dropless_cpu_kernel"] = layer_runner(ours(kernel_cfg), params, x)
     seconds = interleaved_best(runners, REPEATS)
     return {"batch_size": batch, "seq_len": seq_len, "capacity_factor": TRAIN_CAPACITY_FACTOR,
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = 2 if args.quick else 3
     configs = train_configs(base)
     seconds = interleaved_best({key: train_runner(cfg, steps) for key, cfg in configs.items()}, REPEATS)
-    train = {key: {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
+    train = {key: {"name": cfg.name, "config": resolved_config(cfg), "batch_size": b, "seq_len": t, "steps": steps,
                    "repeats": REPEATS, "seconds": seconds[key], "tokens_per_s": b * t * steps / seconds[key]}
              for key, cfg in configs.items()}
     ratios = {f"{key}_cost_vs_dense": seconds[key] / seconds["dense_same_active"] for key in configs}
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak_sizes = (QUICK_PEAK_SIZE,) if args.quick else (PEAK_SIZE, 2 * PEAK_SIZE)
     runners, peak_flops = {"ours": forward_runner(base, tokens)}, {}
     kernel_base = dataclasses.replace(base, model=dataclasses.replace(base.model, **CPU_KERNELS))
-    if cpu_library.available():
+    if cpu.available():
         runners["ours_cpu_kernels"] = forward_runner(kernel_base, tokens)
     for n in peak_sizes:
         runners[f"peak_{n}"], peak_flops[n] = matmul_chain(base.model.dtype, n=n)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def forward_result(cfg: TrainConfig, runner: str) -> dict[str, Any]:
         ours = tokens.size / forward_seconds[runner]
-        result = {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t,
+        result = {"name": cfg.name, "config": resolved_config(cfg), "batch_size": b, "seq_len": t,
                   "repeats": FORWARD_REPEATS, "tokens_per_s": ours, "flops_per_token": flops, "mfu": ours * flops / peak}
         if "hf" in forward_seconds:
             result["ratio_vs_hf"] = ours / hf["tokens_per_s"]
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     forward = forward_result(base, "ours")
     forward_cpu_kernels = (forward_result(kernel_base, "ours_cpu_kernels") if "ours_cpu_kernels" in forward_seconds
-                           else f"unavailable: {cpu_library.unavailable_reason()}")
+                           else f"unavailable: {cpu.unavailable_reason()}")
 
     results = {
         "quick": args.quick,

@@ -25,9 +25,9 @@ import numpy as np
 
 from configs.presets import bench_512, smoke
 from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
-                                     interleaved_best, random_tokens, train_runner)
+                                      interleaved_best, random_tokens, resolved_config, train_runner)
 from models.config import ModelConfig
-from research.config import DataConfig, TrainConfig, to_dict
+from research.config import DataConfig, TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
 from research.run_record import write_json_atomic
 
@@ -60,7 +60,7 @@ def bench_train(cfg: TrainConfig, steps: int, peak: Runner) -> tuple[dict[str, A
     matmul chain timed in the same rounds (MFU is filled in once the peak is known)."""
     b, t = cfg.data.batch_size, cfg.data.seq_len
     seconds = interleaved_best({"train": train_runner(cfg, steps), "peak": peak}, REPEATS)
-    return {"name": cfg.name, "config": to_dict(cfg), "batch_size": b, "seq_len": t, "steps": steps,
+    return {"name": cfg.name, "config": resolved_config(cfg), "batch_size": b, "seq_len": t, "steps": steps,
             "repeats": REPEATS, "seconds": seconds["train"], "tokens_per_s": b * t * steps / seconds["train"],
             "flops_per_token": train_flops_per_token(cfg.model, t)}, seconds["peak"]
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in train:
         run["mfu"] = run["tokens_per_s"] * run["flops_per_token"] / peak
     forward_flops = forward_flops_per_token(llama.model, llama.data.seq_len)
-    forward = {"name": llama.name, "config": to_dict(llama), "batch_size": tokens.shape[0],
+    forward = {"name": llama.name, "config": resolved_config(llama), "batch_size": tokens.shape[0],
                "seq_len": tokens.shape[1], "repeats": FORWARD_REPEATS, "tokens_per_s": ours,
                "flops_per_token": forward_flops, "mfu": ours * forward_flops / peak}
     if isinstance(hf, dict):

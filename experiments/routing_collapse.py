@@ -31,6 +31,7 @@ from configs.routing_collapse import HEADLINE, NONE, get_sweep
 from experiments import routing_collapse_plots as plots
 from experiments.routing_collapse_report import write_report
 from models.config import ConfigError
+from research.data import DataError
 from research.run_record import library_versions, write_json_atomic
 from research.sweep import load_runs, run_sweep
 
@@ -121,21 +122,22 @@ def table(summary: dict[str, dict[str, Any]], grid: str = "headline") -> tuple[s
 
 def route_sample(run_dir: Path, num_tokens: int = 64) -> dict[str, Any]:
     """The expert each token of a held-out sequence goes to, per MoE layer, from the run's last checkpoint."""
-    from decoding.cli import load_run
     from models.transformer import Transformer
     from research.input_pipeline import build_datasets
+    from research.runs import load_run, read_run_config
 
-    cfg, params, tokenizer = load_run(run_dir, None)
-    _, _, val = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
+    model_cfg, params, tokenizer = load_run(run_dir)
+    cfg = read_run_config(run_dir)  # the run's data config picks the held-out sequence
+    _, _, val = build_datasets(cfg.data, model_cfg.vocab_size, cfg.seed)
     ids = next(val.eval_batches(1))[0, :num_tokens]
-    _, state = Transformer(cfg.model).apply({"params": params}, ids[None], mutable=["intermediates"])
+    _, state = Transformer(model_cfg).apply({"params": params}, ids[None], mutable=["intermediates"])
     # A token's text is what it adds to the decoded prefix; a byte-level token that ends mid-character
     # decodes to U+FFFD until the character completes, so those are dropped.
     texts = [tokenizer.decode(ids[:i].tolist()) for i in range(len(ids) + 1)]
     experts = {name: np.asarray(block["moe"]["experts"][0])[0, :, 0].tolist()  # top-1 choice, [T]
                for name, block in sorted(state["intermediates"].items(), key=lambda kv: int(kv[0].split("_")[-1]))}
     return {"pieces": [b[len(os.path.commonprefix([a, b])):].replace("\ufffd", "") for a, b in zip(texts, texts[1:])],
-            "experts": experts, "num_experts": cfg.model.moe.num_experts}
+            "experts": experts, "num_experts": model_cfg.moe.num_experts}
 
 
 def make_figures(runs: Sequence[dict[str, Any]], out: Path) -> list[str]:
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = get_sweep(args.preset)
         rows = run_sweep(sweep, out, args.jobs, args.overrides, progress=not args.no_progress)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # a bad preset or override; data the runs cannot use
         print(f"error: {err}", file=sys.stderr)
         return 2
     runs = [analyse_run(run) for run in load_runs(out)]

@@ -1,8 +1,15 @@
 """Causal self-attention: one code path for MHA, GQA and MQA, with an optional KV cache.
 
 Query heads are grouped as [K, G] against K kv heads, so K/V are never repeated per query head
-(neither in training nor in the cached decode path). The attention kernel is chosen by
-`ModelConfig.attention_impl`: `ATTENTION_FNS` is the seam where fused kernels plug in.
+(neither in training nor in the cached decode path). This file is the one dispatch point for attention:
+`ModelConfig.attention_impl` names the algorithm (`ATTENTION_FNS`), "auto" resolving per backend:
+
+  xla        `jax.nn.dot_product_attention` (XLA); the default on GPU and TPU
+  blocked    plain jnp in the grouped layout; with positions 0..T-1 and no cache, query blocks multiply
+             only the keys they can see (`blocked_attention.py`): the default on CPU
+  pallas     our fused Pallas kernels (`kernels/flash_attention.py`, `kernels/decode_attention.py`)
+  cudnn      cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only
+  cpu_fused  the CPU kernel's fused forward (`kernels/cpu`) where `blocked` skips blocks, else `blocked`
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.causal_attention import causal_attention, grouped, ungrouped
-from models.config import ModelConfig
+from models.blocked_attention import causal_attention, grouped, ungrouped
+from models.config import ModelConfig, resolve_attention_impl
+from models.kernels import cpu
+from models.kernels.cpu.attention import fused_causal_attention
 from models.kernels.decode_attention import decode_attention
 from models.kernels.flash_attention import flash_attention
 from models.kv_cache import KVCache
@@ -40,8 +49,8 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_lengths: 
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                  kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
     """Softmax attention in plain jnp, fp32 logits and softmax, for any positions (and a KV cache).
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; positions and lengths as in `attention_mask` -> [B, T, N, H].
@@ -58,17 +67,49 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Arr
     return ungrouped(jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3)), t)
 
 
-# Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window): the mask
-# is described, not materialised, so fused kernels can skip masked blocks instead of reading a mask.
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, int],
+# Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window, arange): the
+# mask is described, not materialised, so fused kernels can skip masked blocks instead of reading a mask.
+# arange: the caller's promise that q and kv positions are 0..T-1 in every row and there is no cache
+# (the model's default), so the mask is static (never decided from values).
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, int, bool],
                        jax.Array]
 
 
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                  kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
+    """`jax.nn.dot_product_attention` as XLA computes it. Shapes as in `masked_attention`."""
+    if arange:
+        window = (sliding_window - 1, 0) if sliding_window else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                            implementation="xla")
+    mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                      kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
+    """Plain jnp: causal query blocks that skip the keys they cannot see where positions are 0..T-1,
+    `masked_attention` otherwise (a cache, given positions). Shapes as in `masked_attention`."""
+    if arange:
+        return causal_attention(q, k, v, sliding_window)
+    return masked_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window)
+
+
+def cpu_fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                        kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int,
+                        arange: bool) -> jax.Array:
+    """The CPU kernel's forward where `blocked` skips blocks and the kernel is built (float32), else
+    `blocked_attention`."""
+    if arange and q.dtype == jnp.float32 and cpu.available():
+        return fused_causal_attention(q, k, v, sliding_window)
+    return blocked_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window, arange)
+
+
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                     kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+                     kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
     """The Pallas kernels (`models/kernels/`): split-K decode for one new token over a cache, flash otherwise.
 
-    Shapes as in `xla_attention`. With a cache, slot s holds position s, as the decode kernel assumes.
+    Shapes as in `masked_attention`. With a cache, slot s holds position s, as the decode kernel assumes.
     On CPU the kernels run in interpret mode (slow: for tests).
     """
     if q.shape[1] == 1 and kv_lengths is not None:
@@ -78,18 +119,17 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                    kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
-    """cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only. Shapes as in `xla_attention`.
+                    kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
+    """cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only. Shapes as in `masked_attention`.
 
-    Without a cache the keys are the queries' own tokens, and the model's positions are consecutive,
-    so cuDNN's index-causal mask (with its left window) is the position mask and nothing is
-    materialised. With a cache cuDNN's causal mask (top-left aligned) does not fit, so the mask is
-    passed explicitly.
+    With positions 0..T-1 and no cache, cuDNN's index-causal mask (with its left window) is the position
+    mask and nothing is materialised; otherwise (a cache: cuDNN's top-left aligned causal mask does not
+    fit) the mask is passed explicitly.
     """
     if jax.default_backend() != "gpu":
         raise RuntimeError(f"attention_impl='cudnn' needs a CUDA GPU, but the default backend is "
-                           f"{jax.default_backend()!r}; use 'xla' or 'pallas'")
-    if kv_lengths is None:
+                           f"{jax.default_backend()!r}; use 'xla', 'blocked' or 'pallas'")
+    if arange:
         window = (sliding_window - 1, 0) if sliding_window else None
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                             implementation="cudnn")
@@ -97,17 +137,16 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
-# "cpu" is the fused CPU kernel where queries and keys are positions 0..T-1 (`causal_attention`); with a
-# cache or other positions it takes the xla path.
-ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention,
-                                         "cudnn": cudnn_attention, "cpu": xla_attention}
+ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "blocked": blocked_attention,
+                                         "pallas": pallas_attention, "cudnn": cudnn_attention,
+                                         "cpu_fused": cpu_fused_attention}
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
     # The caller's promise that positions are 0..T-1 in every row and there is no cache (the model's
-    # default): the xla path then skips fully masked blocks (`causal_attention`).
-    consecutive: bool = False
+    # default): the mask is then static (see AttentionFn).
+    arange_positions: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
@@ -148,11 +187,9 @@ class Attention(nn.Module):
             kv_lengths = cache.lengths
             kv_positions = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
                                             (x.shape[0], cache.max_len))
-        if self.consecutive and cache is None and cfg.attention_impl in ("xla", "cpu"):
-            out = causal_attention(q, keys, values, cfg.sliding_window, cfg.attention_impl == "cpu")
-        else:
-            out = ATTENTION_FNS[cfg.attention_impl](q, keys, values, positions, kv_positions, kv_lengths,
-                                                    cfg.sliding_window)
+        attend = ATTENTION_FNS[resolve_attention_impl(cfg.attention_impl)]
+        out = attend(q, keys, values, positions, kv_positions, kv_lengths, cfg.sliding_window,
+                     self.arange_positions and cache is None)
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
         return linear(out, wo.astype(dtype), fan_in_dims=2, impl=cfg.matmul_impl), cache

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
+
+import jax
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see models/attention.py: ATTENTION_FNS
-MATMUL_IMPLS = ("xla", "cpu")  # see models/linear.py
+# Named for the algorithm that runs, not the device; "auto" resolves per backend (`resolve_*_impl`).
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "pallas", "cudnn", "cpu_fused")  # models/attention.py
+MATMUL_IMPLS = ("auto", "xla", "cpu_panel")  # models/linear.py
+RENAMED_IMPLS = {"cpu": "cpu_fused or cpu_panel"}  # old value -> the new names
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("softmax", "noisy", "dense")
 PRIORITIES = ("order", "probability")
@@ -28,7 +32,22 @@ def check(ok: bool, field: str, value: Any, allowed: str) -> None:
 
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
-    check(value in choices, field, value, "expected one of " + ", ".join(map(str, choices)))
+    renamed = f" ({value!r} was renamed: {RENAMED_IMPLS[value]})" if value in RENAMED_IMPLS else ""
+    check(value in choices, field, value, "expected one of " + ", ".join(map(str, choices)) + renamed)
+
+
+def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
+    """"auto" -> what runs fastest on the backend: the block-skipping jnp path on CPU, and
+    `jax.nn.dot_product_attention` (XLA; cuDNN is `cudnn`, opt-in) on GPU and TPU. Others unchanged."""
+    if impl != "auto":
+        return impl
+    return "blocked" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+def resolve_matmul_impl(impl: str) -> str:
+    """"auto" -> "xla" on every backend: the CPU panel kernel wins only on decode steps of a few rows,
+    which get it through `models.linear.prepare_weight` (when `matmul_impl` is "auto" or "cpu_panel")."""
+    return "xla" if impl == "auto" else impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +59,11 @@ class MoEConfig:
     baseline). A capacity factor of 0 means dropless. Loss weights of 0 switch the loss off.
     """
 
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"every": "every_n_layers"}  # old name -> new, for clear errors
+
     num_experts: int = 0
     top_k: int = 2
-    every: int = 1  # MoE in the blocks i with i % every == every - 1 (1: all, 2: every second block)
+    every_n_layers: int = 1  # MoE in blocks i with (i + 1) % every_n_layers == 0 (1: all, 2: every second)
     d_ff: int = 0  # expert hidden dim; 0: model.d_ff
     router: str = "softmax"
     renormalize: bool = False  # top-k gates rescaled to sum to 1 (Mixtral) rather than raw probabilities
@@ -64,7 +85,7 @@ class MoEConfig:
         if self.num_experts:
             check(1 <= self.top_k <= self.num_experts, p + "top_k", self.top_k,
                   f"expected 1 <= top_k <= model.moe.num_experts={self.num_experts}")
-        check(self.every >= 1, p + "every", self.every, "expected a positive integer")
+        check(self.every_n_layers >= 1, p + "every_n_layers", self.every_n_layers, "expected a positive integer")
         check(self.d_ff >= 0, p + "d_ff", self.d_ff, "expected 0 (model.d_ff) or a positive integer")
         check_choice(p + "router", self.router, ROUTERS)
         check_choice(p + "priority", self.priority, PRIORITIES)
@@ -102,8 +123,8 @@ class ModelConfig:
     sliding_window: int = 0  # 0: full causal attention; w > 0: each query sees the last w keys
     qkv_bias: bool = False
     tie_embeddings: bool = True
-    attention_impl: str = "xla"
-    matmul_impl: str = "xla"  # "cpu": weight matmuls and experts by the CPU kernel (models/kernels), float32
+    attention_impl: str = "auto"  # see ATTENTION_IMPLS; run records hold the resolved value
+    matmul_impl: str = "auto"  # see MATMUL_IMPLS
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     init_std: float = 0.02
@@ -131,8 +152,8 @@ class ModelConfig:
         check_choice(p + "attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check_choice(p + "matmul_impl", self.matmul_impl, MATMUL_IMPLS)
         for name in ("attention_impl", "matmul_impl"):
-            check(getattr(self, name) != "cpu" or self.dtype == "float32", p + name, getattr(self, name),
-                  f"the CPU kernels are float32 only, but model.dtype={self.dtype!r}")
+            check(not getattr(self, name).startswith("cpu_") or self.dtype == "float32", p + name,
+                  getattr(self, name), f"the CPU kernels are float32 only, but model.dtype={self.dtype!r}")
         check_choice(p + "dtype", self.dtype, DTYPES)
         check_choice(p + "param_dtype", self.param_dtype, DTYPES)
         check(self.rope_theta > 0, p + "rope_theta", self.rope_theta, "expected > 0")
@@ -153,7 +174,12 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.moe.num_experts > 0 and layer % self.moe.every == self.moe.every - 1
+        return self.moe.num_experts > 0 and (layer + 1) % self.moe.every_n_layers == 0
+
+    def resolved(self, backend: str | None = None) -> "ModelConfig":
+        """This config with "auto" implementations replaced by what runs on `backend` (default: JAX's)."""
+        return dataclasses.replace(self, attention_impl=resolve_attention_impl(self.attention_impl, backend),
+                                   matmul_impl=resolve_matmul_impl(self.matmul_impl))
 
     def param_count(self, include_embeddings: bool = True, active_only: bool = False) -> int:
         """Exact number of parameters of `models.transformer.Transformer` for this config.

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.linear import linear, unprepared
 from models.sharding import param_with_axes
 
 
@@ -25,12 +26,11 @@ class Embed(nn.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: [B, T] int -> [B, T, D]."""
-        return jnp.take(self.table, tokens, axis=0).astype(self.dtype)
+        return jnp.take(unprepared(self.table), tokens, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> logits [B, T, V] in fp32."""
-        return jnp.einsum("btd,vd->btv", x, self.table.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+    def attend(self, x: jax.Array, matmul_impl: str = "xla") -> jax.Array:
+        """x: [B, T, D] -> logits [B, T, V] in fp32: the table as the LM head."""
+        return linear(x, self.table.astype(self.dtype), impl=matmul_impl, transposed=True, out_dtype=jnp.float32)
 
 
 class LearnedPositions(nn.Module):

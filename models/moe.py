@@ -8,7 +8,8 @@ experiments/benchmark_moe.py), in one of two layouts:
             [E, B, C, D]; an assignment past C is dropped (its MoE output is zero and the residual
             carries the token). The buffer's E axis lies on the mesh `expert` axis (expert parallelism).
   dropless  (capacity factor 0) assignments are sorted by expert and each expert's run is padded to
-            whole blocks of rows; a loop over the blocks computes each with its expert's weights.
+            whole blocks of rows; a loop over the blocks computes each with its expert's weights (or,
+            where `linear.ragged_linear` multiplies only each run's rows, the runs as they are).
             Nothing is dropped.
 
 The router runs in fp32. The layer returns `(y, aux)`: aux["losses"] (already weighted),
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.linear import grouped_linear, linear
+from models.linear import expert_linear, linear, multiplies_ragged, ragged_linear
 from models.mlp import feed_forward, ffn_weights
 from models.sharding import constrain, param_with_axes
 
@@ -49,7 +50,7 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, factor: float) ->
 def expert_ffn(h: jax.Array, w: Weights, kind: str, impl: str = "xla") -> jax.Array:
     """Stacked experts, h: [X, ..., D] with w_up/w_gate [X, D, F] and w_down [X, F, D] -> [X, ..., D]
     (X: the expert axis of the capacity buffers); or one expert, h: [R, D] with [D, F] / [F, D] -> [R, D].
-    impl: ModelConfig.matmul_impl ("cpu": stacked experts as one grouped kernel call of equal groups).
+    impl: ModelConfig.matmul_impl.
 
     Each expert's rows are flattened into one matrix, as in `models/linear.py`: with several row dims
     (or a batch of one expert) XLA:CPU copied each output gradient into a transposed layout before the
@@ -57,15 +58,9 @@ def expert_ffn(h: jax.Array, w: Weights, kind: str, impl: str = "xla") -> jax.Ar
     """
     shape = h.shape
     if w["w_up"].ndim == 2:
-        matmul = functools.partial(linear, impl=impl)
-    elif impl == "cpu":
-        sizes = jnp.full((shape[0],), math.prod(shape[1:-1]), jnp.int32)
-        h = h.reshape(-1, shape[-1])
-        matmul = functools.partial(grouped_linear, sizes=sizes)
-    else:
-        h = h.reshape(shape[0], -1, shape[-1])
-        matmul = functools.partial(jnp.einsum, "xrd,xdf->xrf")
-    return feed_forward(h, w, kind, matmul).reshape(shape)
+        return feed_forward(h, w, kind, functools.partial(linear, impl=impl))
+    h = h.reshape(shape[0], -1, shape[-1])
+    return feed_forward(h, w, kind, functools.partial(expert_linear, impl=impl)).reshape(shape)
 
 
 def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
@@ -121,9 +116,9 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Wei
     flat = experts.reshape(a)
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert, token order within
     counts = jnp.bincount(flat, length=num_experts)
-    if impl == "cpu":
-        # The kernel takes each expert's run of sorted rows as it is: no padding to blocks.
-        out = feed_forward(x[order // k], w, kind, functools.partial(grouped_linear, sizes=counts))
+    if multiplies_ragged(impl):
+        # Each expert's run of sorted rows as it is: no padding to blocks.
+        out = feed_forward(x[order // k], w, kind, functools.partial(ragged_linear, sizes=counts, impl=impl))
         out = jnp.zeros_like(out).at[order].set(out)
         return jnp.einsum("nkd,nk->nd", out.reshape(n, k, d), gates.astype(out.dtype))
     # Padding is under one block per expert, so a block of at most a / (4E) rows wastes at most a

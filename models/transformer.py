@@ -20,7 +20,7 @@ from models.attention import Attention
 from models.config import ModelConfig
 from models.embeddings import Embed, LearnedPositions, sinusoidal_positions
 from models.kv_cache import KVCache
-from models.linear import linear
+from models.linear import linear, prepare_weight
 from models.mlp import MLP
 from models.moe import MoE
 from models.norms import make_norm
@@ -33,7 +33,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     moe: bool = False  # a mixture-of-experts FFN instead of the dense MLP
     train: bool = False
-    consecutive: bool = False  # positions are 0..T-1 in every row and there is no cache (see Attention)
+    arange_positions: bool = False  # positions are 0..T-1 in every row and there is no cache (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
@@ -42,7 +42,7 @@ class Block(nn.Module):
         cfg = self.cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "attn_norm")(x)
-        h, cache = Attention(cfg, self.consecutive, name="attn")(h, positions, cache)
+        h, cache = Attention(cfg, self.arange_positions, name="attn")(h, positions, cache)
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "mlp_norm")(x)
         if self.moe:
@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         t = tokens.shape[1]
-        consecutive = cache is None and positions is None  # static: attention may skip masked blocks
+        arange_positions = cache is None and positions is None  # static: attention may skip masked blocks
         if cache is not None:
             positions = cache[0].lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
         elif positions is None:
@@ -95,7 +95,7 @@ class Transformer(nn.Module):
         aux: Aux = {"losses": {}, "stats": {}}
         for i in range(cfg.num_layers):
             name = f"block_{i}"
-            x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, consecutive, name=name)(
+            x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, arange_positions, name=name)(
                 x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
             for kind in ("losses", "stats"):
@@ -107,16 +107,12 @@ class Transformer(nn.Module):
         new_cache = tuple(new_cache) if cache is not None else None
         if return_hidden:
             return x, new_cache, aux
-        if cfg.tie_embeddings and cfg.matmul_impl == "xla":
-            logits = embed.attend(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x, cfg.matmul_impl)
         else:
-            w = embed.table.T if cfg.tie_embeddings else self.param(
-                "lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                (cfg.d_model, cfg.vocab_size), pdtype)
-            if cfg.matmul_impl == "xla":
-                logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
-            else:
-                logits = linear(x, w.astype(dtype), impl=cfg.matmul_impl)
+            w = self.param("lm_head", param_with_axes(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                           (cfg.d_model, cfg.vocab_size), pdtype)
+            logits = linear(x, w.astype(dtype), impl=cfg.matmul_impl, out_dtype=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), new_cache, aux
 
 
@@ -124,6 +120,33 @@ def head_weight(cfg: ModelConfig, params: Any) -> jax.Array:
     """The LM head as a [D, V] matrix in the compute dtype: logits = hidden @ head_weight."""
     w = params["embed"]["table"].T if cfg.tie_embeddings else params["lm_head"]
     return w.astype(cfg.dtype)
+
+
+# Where `linear` meets each weight the model declares: leaf name -> (fan_in_dims, transposed).
+_PRODUCTS = {"wq": (1, False), "wk": (1, False), "wv": (1, False), "wo": (2, False), "w_up": (1, False),
+             "w_gate": (1, False), "w_down": (1, False), "lm_head": (1, False)}
+
+
+def prepare_params(params: Any, cfg: ModelConfig, rows: int) -> Any:
+    """params for a loop of steps over `rows` rows each (a decode loop), made once before it: the weights
+    `linear` multiplies cast to the compute dtype, and each prepared by `models.linear.prepare_weight`
+    (packed for the CPU panel kernel where that is faster). The result goes into `apply` like params.
+
+    Expert weights (inside "moe") are cast only: the experts' products are batched, not `linear`'s.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+
+    def prepare(path: tuple[str, ...], w: jax.Array) -> Any:
+        if path[-1] == "table" and path[-2] == "embed" and cfg.tie_embeddings:
+            return prepare_weight(w.astype(dtype), cfg.matmul_impl, rows, transposed=True)
+        if path[-1] not in _PRODUCTS:
+            return w
+        if "moe" in path:
+            return w.astype(dtype)
+        fan_in_dims, transposed = _PRODUCTS[path[-1]]
+        return prepare_weight(w.astype(dtype), cfg.matmul_impl, rows, fan_in_dims, transposed)
+
+    return jax.tree_util.tree_map_with_path(lambda p, w: prepare(tuple(k.key for k in p), w), params)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:

@@ -112,6 +112,9 @@ class BpeTokenizer:
 
     kind = "bpe"
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    # Training text has no bos (research/data.py packs documents separated by eos alone), so neither
+    # does a prompt unless asked for (research/tokenizer.py).
+    add_bos_default = False
 
     def __init__(self, merges: Sequence[Pair], vocab_size: int):
         """`vocab_size` may exceed the learned ids; extra ids are never produced."""
@@ -141,14 +144,15 @@ class BpeTokenizer:
             ids = _merge(ids, pair, self._merge_ids[pair])
         return tuple(ids)
 
-    def encode(self, text: str) -> list[int]:
-        ids = []
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids of `text`, with bos first when `add_bos` (None: `add_bos_default`, no bos)."""
+        ids = [BOS_ID] if (self.add_bos_default if add_bos is None else add_bos) else []
         for chunk in PRETOKENIZE.findall(text):
             ids.extend(self._encode_chunk(chunk))
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(text) for text in texts]
+    def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+        return [self.encode(text, add_bos) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Drops specials; invalid UTF-8 (e.g. a cut sequence) becomes U+FFFD."""

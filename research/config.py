@@ -115,7 +115,9 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__}")
+        renamed = getattr(cls, "RENAMED_FIELDS", {}).get(unknown[0])
+        hint = f" (renamed to {renamed!r})" if renamed else ""
+        raise ConfigError(f"unknown config key {unknown[0]!r} for {cls.__name__}{hint}")
     kwargs = {}
     for key, value in data.items():
         kind = hints[key]
@@ -156,7 +158,9 @@ def override(cfg: Any, key: str, raw: str, prefix: str = "") -> Any:
     full = prefix + head
     if head not in hints:
         allowed = ", ".join(prefix + f.name for f in dataclasses.fields(cfg))
-        raise ConfigError(f"unknown override key {prefix + key!r}: expected one of {allowed}")
+        renamed = getattr(type(cfg), "RENAMED_FIELDS", {}).get(head)
+        hint = f" ({prefix + head!r} was renamed to {prefix + renamed!r})" if renamed else ""
+        raise ConfigError(f"unknown override key {prefix + key!r}: expected one of {allowed}{hint}")
     kind = hints[head]
     if dataclasses.is_dataclass(kind):
         if not rest:

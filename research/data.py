@@ -6,6 +6,11 @@ tokenizer.
 
 `PackedDataset.batch(step)` is a pure function of (seed, step), so resuming at step s reproduces
 an uninterrupted run exactly with no iterator state to checkpoint.
+
+A bad config value (a `data.source` that names nothing, a `data.val_fraction` out of range) is a
+`ConfigError` naming the field; data that cannot be trained on (a file that is not UTF-8 text, a corpus
+with no text, too few documents or tokens) is a `DataError` naming the file or what is missing. Both are
+one-line ValueErrors.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from research import corpus
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tex", ".html")
 
 
+class DataError(ValueError):
+    """Training data that cannot be used: one line naming the file, or what the corpus lacks."""
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def load_text(source: str, cache_dir: str | os.PathLike) -> str:
     """Returns the text of `source`: "embedded", a UTF-8 file, or a directory of text files.
 
@@ -37,17 +53,17 @@ def load_text(source: str, cache_dir: str | os.PathLike) -> str:
     if source == "embedded":
         text = corpus.embedded_corpus_path(cache_dir).read_text(encoding="utf-8")
     elif source and path.is_file():  # "" would mean the working directory
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
     elif source and path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES]
         files.sort(key=lambda p: p.relative_to(path).as_posix())
-        text = "\n\n".join(p.read_text(encoding="utf-8") for p in files)
+        text = "\n\n".join(_read_text(p) for p in files)
     else:
         raise ConfigError(f"data.source={source!r}: not 'embedded', an existing file or a "
                          "directory of text files")
     if not text.strip():
-        raise ConfigError(f"data.source={source!r}: no text found (allowed suffixes: "
-                         f"{' '.join(TEXT_SUFFIXES)})")
+        raise DataError(f"data.source={source!r}: no text found (allowed suffixes: "
+                        f"{' '.join(TEXT_SUFFIXES)})")
     return text
 
 
@@ -66,8 +82,8 @@ def train_val_split(docs: Sequence[str], val_fraction: float,
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction={val_fraction!r}: expected 0 < val_fraction < 1")
     if len(docs) < 2:
-        raise ConfigError(f"data: {len(docs)} document(s); a train/val split needs at least 2 "
-                         "(documents are separated by blank lines)")
+        raise DataError(f"data: {len(docs)} document(s); a train/val split needs at least 2 "
+                        "(documents are separated by blank lines)")
     shuffled = list(docs)
     random.Random(seed).shuffle(shuffled)
     num_val = min(max(math.ceil(val_fraction * len(docs)), 1), len(docs) - 1)
@@ -114,8 +130,8 @@ class PackedDataset:
     def __post_init__(self) -> None:
         tokens = np.asarray(self.tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ConfigError(f"tokens: expected a 1-D integer array, got shape {tokens.shape} "
-                             f"dtype {tokens.dtype}")
+            raise DataError(f"tokens: expected a 1-D integer array, got shape {tokens.shape} "
+                            f"dtype {tokens.dtype}")
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a positive integer")
@@ -124,8 +140,8 @@ class PackedDataset:
         object.__setattr__(self, "tokens", tokens.astype(np.int32, copy=False))
         if self.num_windows < self.batch_size:
             need = self.batch_size * self.seq_len + 1
-            raise ConfigError(f"token stream too short: {tokens.size} tokens, but batch_size="
-                             f"{self.batch_size} x seq_len={self.seq_len} needs at least {need}")
+            raise DataError(f"token stream too short: {tokens.size} tokens, but batch_size="
+                            f"{self.batch_size} x seq_len={self.seq_len} needs at least {need}")
 
     @property
     def num_windows(self) -> int:
@@ -144,7 +160,7 @@ class PackedDataset:
         """The training batch for `step`: [batch_size, seq_len + 1] int32, a pure function of
         (seed, step)."""
         if step < 0:
-            raise ConfigError(f"step={step}: expected >= 0")
+            raise ValueError(f"step={step}: expected >= 0")
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs, offsets = np.divmod(positions, self.num_windows)
         indices = np.empty_like(positions)

@@ -140,7 +140,7 @@ def export_family(cfg: ModelConfig) -> str:
     if not moe.num_experts:
         return "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
     need(not cfg.qkv_bias, "qkv_bias", cfg.qkv_bias, "Mixtral has no q/k/v biases")
-    need(moe.every == 1, "moe.every", moe.every, "Mixtral has experts in every block")
+    need(moe.every_n_layers == 1, "moe.every_n_layers", moe.every_n_layers, "Mixtral has experts in every block")
     need(moe.router == "softmax", "moe.router", moe.router, "Mixtral's router is a softmax top-k")
     need(moe.renormalize, "moe.renormalize", moe.renormalize, "Mixtral renormalises the top-k gates")
     need(moe.bias_update_rate == 0, "moe.bias_update_rate", moe.bias_update_rate, "Mixtral has no router bias")

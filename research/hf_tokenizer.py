@@ -2,9 +2,11 @@
 
 The folder holds tokenizer.json (run by the `tokenizers` library) or tokenizer.model (SentencePiece),
 plus tokenizer_config.json for the special tokens and the chat template (or chat_template.jinja).
-`encode` matches transformers' `encode(text, add_special_tokens=False)`; `decode` drops pad/bos/eos as
-our tokenizers do and, unlike transformers with `clean_up_tokenization_spaces`, never edits spaces, so
-decode(encode(text)) == text wherever the tokenizer itself is lossless. `apply_chat_template` renders
+`encode` matches transformers' `encode(text)` (add_special_tokens=True: the bos a Llama or Mistral
+tokenizer puts first, never a trailing eos) and `encode(text, add_bos=False)` its add_special_tokens=False;
+`decode` drops pad/bos/eos as our tokenizers do and, unlike transformers with
+`clean_up_tokenization_spaces`, never edits spaces, so decode(encode(text)) == text wherever the tokenizer
+itself is lossless. `apply_chat_template` renders
 with the same Jinja settings as transformers (sandboxed, trim_blocks, lstrip_blocks, loop controls,
 `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII).
 
@@ -167,15 +169,17 @@ class HFTokenizer:
         self.eos_id = eos
         bos, pad = resolve("bos"), resolve("pad")
         self.bos_id = eos if bos is None else bos  # only used to start an empty prompt
+        self._has_bos = bos is not None
         self.pad_id = eos if pad is None else pad  # padding is masked, so any valid id serves
         self.chat_template = read_chat_template(directory)
         # What transformers puts before a text with add_special_tokens=True (Llama's and Mistral's bos),
-        # which their models expect at the start of a prompt.
+        # which their models expect at the start of a prompt: what `encode` adds by default.
         if self._tok is not None:
-            full, plain = self._tok.encode("a", add_special_tokens=True).ids, self.encode("a")
+            full, plain = self._tok.encode("a", add_special_tokens=True).ids, self._encode_plain("a")
             self.prompt_prefix = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
         else:
             self.prompt_prefix = [self.bos_id] if config.get("add_bos_token", True) and bos is not None else []
+        self.add_bos_default = bool(self.prompt_prefix)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
@@ -184,16 +188,32 @@ class HFTokenizer:
             raise ConversionError(f"{directory}: no tokenizer.json or tokenizer.model")
         return cls(directory)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without bos/eos (transformers' add_special_tokens=False)."""
+    def _encode_plain(self, text: str) -> list[int]:
         if self._tok is not None:
             return self._tok.encode(text, add_special_tokens=False).ids
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _prefix(self, add_bos: bool | None) -> list[int]:
+        """None: `prompt_prefix` (transformers' add_special_tokens=True); True: that, or bos when the
+        tokenizer adds nothing by itself; False: nothing."""
+        if add_bos is None or (add_bos and self.prompt_prefix):
+            return list(self.prompt_prefix)
+        if not add_bos:
+            return []
+        if not self._has_bos:
+            raise ConversionError(f"add_bos=True: the tokenizer in {self.directory} has no bos token")
+        return [self.bos_id]
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids of `text` as transformers' `encode(text)` gives them (its bos first, if it adds one; never eos);
+        `add_bos=False` is its add_special_tokens=False, `add_bos=True` asks for bos even where it adds none."""
+        return self._prefix(add_bos) + self._encode_plain(text)
+
+    def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+        prefix = self._prefix(add_bos)
         if self._tok is not None:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-        return self._sp.encode(texts)
+            return [prefix + e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [prefix + ids for ids in self._sp.encode(texts)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, dropping pad/bos/eos (other special tokens, e.g. chat markers, are kept)."""
@@ -209,12 +229,12 @@ class HFTokenizer:
             raise ConversionError(f"{self.directory}: the tokenizer has no chat template")
         text = render_chat_template(self.chat_template, messages, add_generation_prompt,
                                     **{**self.special_tokens, **kwargs})
-        return self.encode(text) if tokenize else text
+        return self.encode(text, add_bos=False) if tokenize else text
 
     def save(self, directory: Path) -> None:
         """Copies the Hugging Face files and records the resolved special ids."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         copy_hf_files(self.directory, directory)
-        ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
+        ids = {"bos": self.bos_id if self._has_bos else None, "eos": self.eos_id, "pad": self.pad_id}
         (directory / IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n")

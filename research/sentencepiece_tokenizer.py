@@ -33,6 +33,9 @@ class SentencePieceTokenizer:
     """A trained SentencePiece model; `kind` is "sentencepiece-bpe" or "sentencepiece-unigram"."""
 
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    # Training text has no bos (research/data.py packs documents separated by eos alone), so neither
+    # does a prompt unless asked for (research/tokenizer.py).
+    add_bos_default = False
 
     def __init__(self, kind: str, model_proto: bytes, vocab_size: int):
         """`vocab_size` may exceed the model's pieces; the extra ids are never produced."""
@@ -84,19 +87,24 @@ class SentencePieceTokenizer:
                 f"character within coverage {CHARACTER_COVERAGE})") from None
         return cls(kind, model.getvalue(), vocab_size)
 
-    def encode(self, text: str) -> list[int]:
+    def _bos(self, add_bos: bool | None) -> list[int]:
+        return [BOS_ID] if (self.add_bos_default if add_bos is None else add_bos) else []
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids of `text`, with bos first when `add_bos` (None: `add_bos_default`, no bos)."""
         if _META_SPACE not in text:
-            return self._sp.encode(text)
+            return self._bos(add_bos) + self._sp.encode(text)
         parts = text.split(_META_SPACE)
-        ids = self._sp.encode(parts[0])
+        ids = self._bos(add_bos) + self._sp.encode(parts[0])
         for part in parts[1:]:
             ids += self._meta_space_ids + self._sp.encode(part)
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
         if any(_META_SPACE in text for text in texts):
-            return [self.encode(text) for text in texts]
-        return self._sp.encode(list(texts))
+            return [self.encode(text, add_bos) for text in texts]
+        bos = self._bos(add_bos)
+        return [bos + ids for ids in self._sp.encode(list(texts))] if bos else self._sp.encode(list(texts))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Drops pad/bos/eos: SentencePiece decodes control pieces to nothing."""

@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from configs import get_config
 from models.config import ConfigError
 from research.config import TrainConfig, apply_overrides, config_hash, from_dict, to_dict
 from research.run_record import write_json_atomic
@@ -83,6 +82,10 @@ class Sweep:
 
     def cells(self, extra_overrides: Sequence[str] = ()) -> list[Cell]:
         """Each grid's cells, in declaration order; `extra_overrides` (e.g. from --set) apply to all."""
+        # configs names things in research (its sweeps are built from this module), so research imports it
+        # only here, where a sweep's base preset is looked up.
+        from configs import get_config
+
         base = apply_overrides(get_config(self.base), [*self.overrides, *extra_overrides])
         cells, seen = [], set()
         for grid in self.grids:

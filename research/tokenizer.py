@@ -3,6 +3,12 @@
 Every tokenizer maps any string to ids and back exactly (byte-level or byte fallback), reserves
 ids 0, 1, 2 for pad, bos, eos, and saves itself to a directory whose `tokenizer.json` names its
 kind, so `load_tokenizer` can dispatch on it.
+
+`encode(text)` encodes a text the way the tokenizer's model saw text in training, like transformers'
+`add_special_tokens=True`: a Hugging Face tokenizer that starts texts with bos (Llama, Mistral) adds it,
+and ours add nothing, because the training pipeline packs documents separated by eos alone
+(research/data.py `pack_documents`, fed by `encode_batch` with the default). `add_bos=True` or `False`
+overrides that.
 """
 
 from collections.abc import Sequence
@@ -16,6 +22,7 @@ from typing import Protocol
 
 from models.config import ConfigError
 from research import bpe
+from research.data import DataError
 from research import hf_tokenizer
 from research import sentencepiece_tokenizer
 
@@ -31,11 +38,12 @@ class Tokenizer(Protocol):
     pad_id: int
     bos_id: int
     eos_id: int
+    add_bos_default: bool  # what encode does when add_bos is None: did the model see bos before its text?
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without bos/eos."""
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids of `text`, never with eos; with bos first when `add_bos` (None: `add_bos_default`)."""
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, dropping pad/bos/eos."""
@@ -58,12 +66,14 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer written by `save`, or a Hugging Face tokenizer folder (research/hf_tokenizer.py)."""
     if hf_tokenizer.is_hf_tokenizer(directory):
         return hf_tokenizer.HFTokenizer.load(directory)
+    if not (Path(directory) / METADATA_FILE).is_file():
+        raise DataError(f"{directory}: no {METADATA_FILE} or tokenizer.model (expected a saved tokenizer)")
     kind = json.loads((Path(directory) / METADATA_FILE).read_text())["kind"]
     if kind == "bpe":
         return bpe.BpeTokenizer.load(directory)
     if kind in KINDS:
         return sentencepiece_tokenizer.SentencePieceTokenizer.load(directory)
-    raise ConfigError(f"{directory}: unknown tokenizer kind {kind!r}")
+    raise DataError(f"{directory}: unknown tokenizer kind {kind!r}")
 
 
 def _train(kind: str, text: str, vocab_size: int) -> Tokenizer:

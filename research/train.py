@@ -19,11 +19,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from configs import get_config
 from decoding.generate import check_prompt, generate
 from models.config import ConfigError
 from research.checkpoint import Checkpointer
 from research.config import TrainConfig, apply_overrides, to_dict
+from research.data import DataError
 from research.flops import measure_matmul_peak, train_flops_per_token
 from research.input_pipeline import build_datasets
 from research.mesh import make_mesh, maybe_initialize_distributed, put_batch
@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     write_json_atomic(record_path, run_record(
         to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
+        # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
+        implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
         param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),
         val_tokens=int(val_data.tokens.size)))
     log = MetricsLog(out / "metrics.jsonl", start_step)
@@ -191,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(name: str, overrides: list[str]) -> TrainConfig:
+    """The preset `name` (configs/presets.py) with `overrides` applied."""
+    # configs names things in research, so research imports it only here, for the command line.
+    from configs import get_config
+
     return apply_overrides(get_config(name), overrides)
 
 
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.config, args.overrides)
         maybe_initialize_distributed()
         summary = train(cfg, args.out or f"runs/{cfg.name}", args.resume, progress=not args.no_progress)
-    except (ConfigError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"final: val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from experiments import benchmark_moe
-from models.kernels import cpu_library
+from models.kernels import cpu
 
 TOL = 1e-4  # fp32, one whole layer computed two ways, relative to the output's scale
 
@@ -34,16 +34,17 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     layer = results["dispatch"]
     assert set(layer["fwd_bwd_seconds"]) == {"gather_capacity", "sorted_dropless", "onehot_einsum_capacity",
                                             "dense_mlp_same_active"} | ({"sorted_dropless_cpu_kernel"}
-                                                                        if cpu_library.available() else set())
+                                                                        if cpu.available() else set())
     assert all(s > 0 for s in layer["fwd_bwd_seconds"].values())
     assert layer["max_rel_diff_gather_vs_einsum"] < TOL  # the two layouts compute the same layer
 
     forward = results["forward"]
     assert forward["tokens_per_s"] > 0 and "ratio_vs_hf" not in forward
     kernels = results["forward_cpu_kernels"]
-    if cpu_library.available():
+    if cpu.available():
         assert kernels["tokens_per_s"] > 0 and kernels["flops_per_token"] == forward["flops_per_token"]
-        assert kernels["config"]["model"]["matmul_impl"] == kernels["config"]["model"]["attention_impl"] == "cpu"
+        assert (kernels["config"]["model"]["matmul_impl"], kernels["config"]["model"]["attention_impl"]) == (
+            "cpu_panel", "cpu_fused")
     else:  # no C++ compiler: said so
         assert kernels.startswith("unavailable: ")
     assert results["matmul_peak_flops"] > 0 and results["matmul_peak_size"] == 256

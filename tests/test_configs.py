@@ -1,6 +1,10 @@
 """Presets build and lower; overrides are typed; bad values fail with one line naming the field."""
 
+import ast
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +76,44 @@ def test_bad_overrides_fail_with_one_line_naming_the_field(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="config='huge': unknown preset; expected one of"):
         get_config("huge")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_research_does_not_import_configs():
+    """configs names things in research, not the reverse: importing every research module (and the decoding
+    command line, which reaches into research) leaves configs unimported."""
+    code = ("import importlib, pkgutil, sys, research, decoding.cli\n"
+            "for m in pkgutil.iter_modules(research.__path__): importlib.import_module('research.' + m.name)\n"
+            "print(sorted(k for k in sys.modules if k == 'configs' or k.startswith('configs.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_research_modules_have_no_module_level_configs_import():
+    for path in sorted((ROOT / "research").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only; lazy imports sit inside functions
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "configs" or n.startswith("configs.") for n in names), (path.name, names)
+
+
+@pytest.mark.parametrize("command, preset, heads", [(["llm-train"], "smoke", 4),
+                                                    ([sys.executable, "-m", "research.train"], "tiny", 6)])
+def test_train_entry_points_resolve_presets(command, preset, heads, tmp_path):
+    """Both entry points find the presets (imported lazily): a bad preset lists them, a bad override names it."""
+    script = Path(sys.executable).parent / "llm-train"
+    if command == ["llm-train"]:
+        if not script.is_file():
+            pytest.skip("llm-train is not installed in this environment")
+        command = [str(script)]
+    proc = subprocess.run([*command, "--config", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: config='nope': unknown preset; expected one of {', '.join(list_configs())}"
+    proc = subprocess.run([*command, "--config", preset, "--set", "model.d_model=26", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and not any(tmp_path.iterdir())
+    err = proc.stderr.strip()
+    assert err.startswith(f"error: model.d_model=26: must be divisible by model.num_heads={heads}") and "\n" not in err

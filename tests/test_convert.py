@@ -1,7 +1,8 @@
 """Hugging Face checkpoint interop (research/convert.py): tiny random models of each family, built from a
 config and saved with save_pretrained, import to the same logits (fp32, 1e-4) and the same greedy tokens as
 transformers; import -> export -> import is identical and the export loads in transformers; bad folders
-fail with one line and leave nothing behind."""
+fail with one line and leave nothing behind; --overwrite replaces only a previous result, and only when the
+new one is complete."""
 
 import dataclasses
 import json
@@ -26,7 +27,9 @@ from research.config import MeshConfig, TrainConfig, from_dict  # noqa: E402
 from research.hf_checkpoint import load_params, read_hf_config, save_weights  # noqa: E402
 from research.hf_config import (UnsupportedError, export_family, hf_config_from_model,  # noqa: E402
                                 model_config_from_hf)
+from research.hf_tokenizer import HFTokenizer  # noqa: E402
 from research.mesh import make_mesh  # noqa: E402
+from research.runs import load_run  # noqa: E402
 from research.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
 
 ATOL = 1e-4  # fp32 whole model (shared/DESIGN.md)
@@ -65,7 +68,8 @@ def build(name: str, root: Path) -> tuple:
     if name == "llama":
         save_tiny_tokenizer(root / "hf")
     cfg = convert.import_hf(root / "hf", root / "run")
-    _, params = convert.load_run_params(root / "run")
+    loaded_cfg, params, tokenizer = load_run(root / "run")
+    assert loaded_cfg == cfg and isinstance(tokenizer, HFTokenizer) == (name == "llama")
     return name, model, root / "hf", root / "run", cfg, params
 
 
@@ -133,7 +137,7 @@ def test_import_export_import_is_identical(family, tmp_path):
     assert hf["architectures"] == [type(model).__name__]
     again = convert.import_hf(tmp_path / "export", tmp_path / "run")
     assert again == cfg
-    _, params_again = convert.load_run_params(tmp_path / "run")
+    _, params_again, _ = load_run(tmp_path / "run")
     jax.tree.map(np.testing.assert_array_equal, params_again, params)
     reloaded = type(model).from_pretrained(tmp_path / "export").eval()
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(model, TOKENS), atol=ATOL, rtol=0)
@@ -142,11 +146,22 @@ def test_import_export_import_is_identical(family, tmp_path):
             transformers.AutoTokenizer.from_pretrained(family[2]).encode("fox")
 
 
-def test_converted_run_decodes_from_the_command_line(llama, capsys):
+def test_converted_run_decodes_from_the_command_line(llama, capsys, monkeypatch):
     run_dir = llama[3]
+    prompts = []
+    real = generate_cli.generate
+
+    def recording(params, cfg, prompt, lengths, *args, **kwargs):
+        prompts.append(np.asarray(prompt)[0, :int(lengths[0])].tolist())
+        return real(params, cfg, prompt, lengths, *args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "generate", recording)
     assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "The fox", "--max-new-tokens", "4",
                               "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("The fox")
+    # The prompt as transformers encodes it for this model: with the bos its tokenizer adds.
+    hf_ids = transformers.AutoTokenizer.from_pretrained(llama[2]).encode("The fox")
+    assert prompts == [hf_ids] and hf_ids[0] == 1
 
 
 def test_bf16_checkpoint_and_sharded_placement(built, tmp_path):
@@ -262,7 +277,11 @@ def test_import_errors(llama, tmp_path, capsys, case, message):
 def test_export_errors(llama, tmp_path, capsys):
     run_dir = llama[3]
     assert convert.main(["--to-hf", str(run_dir), "--out", str(run_dir)]) == 2  # exists
-    assert "already exists" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: --out {run_dir} already exists; pick a new path or pass "
+                                       "--overwrite to replace it\n")
+    assert convert.main(["--to-hf", str(run_dir), "--out", str(tmp_path / "x"), "--step", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: step=5: not among the saved checkpoints [0] in ")
+    assert not (tmp_path / "x").exists()
     assert convert.main(["--to-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no run.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
     cfg = from_dict(TrainConfig, json.loads((run_dir / "run.json").read_text())["config"]).model
@@ -286,3 +305,124 @@ def test_command_line_exit_status(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().endswith("no config.json (expected a Hugging Face "
                                                                      "model folder)"), result.stderr
     assert not out.exists()
+
+
+# --- --overwrite: replaces a previous result of the same direction, never anything else ------------------
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary or set-aside directories the converter left beside its output."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_overwrite_replaces_a_previous_import(llama, tmp_path, capsys):
+    _, _, hf_dir, run_dir, cfg, params = llama
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / "stale.txt").write_text("from the previous conversion")
+    assert convert.main(["--from-hf", str(hf_dir), "--out", str(out)]) == 2
+    assert "already exists; pick a new path or pass --overwrite" in capsys.readouterr().err
+    assert convert.main(["--from-hf", str(hf_dir), "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert not (out / "stale.txt").exists() and leftovers(tmp_path) == []
+    again_cfg, again, tokenizer = load_run(out)
+    assert again_cfg == cfg and isinstance(tokenizer, HFTokenizer)
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert.import_hf(hf_dir, empty, overwrite=True) == cfg and (empty / "run.json").is_file()
+
+
+def test_overwrite_replaces_a_previous_export(llama, tmp_path, capsys):
+    run_dir = llama[3]
+    out = tmp_path / "hf"
+    convert.export_hf(run_dir, out)
+    (out / "stale.safetensors").write_text("x")
+    assert convert.main(["--to-hf", str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert not (out / "stale.safetensors").exists() and (out / "tokenizer.json").is_file()
+    assert leftovers(tmp_path) == []
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder of other files", "is not a run directory (nothing replaced); --overwrite replaces only a previous run "
+                              "directory or an empty folder"),
+    ("a file", "is not a directory; --overwrite replaces only a previous run directory"),
+    ("the input", "is or holds the input"),
+    ("folder holding the input", "is or holds the input"),
+    ("export into a run directory", "is not a Hugging Face model folder (nothing replaced)"),
+])
+def test_overwrite_refuses_what_it_did_not_write(llama, tmp_path, capsys, case, message):
+    _, _, hf_dir, run_dir, _, _ = llama
+    if case == "folder of other files":
+        out = tmp_path / "notes"
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "a file":
+        out = tmp_path / "file"
+        out.write_text("mine")
+    elif case == "the input":
+        out = tmp_path / "hf"
+        shutil.copytree(hf_dir, out)
+        hf_dir = out
+    elif case == "folder holding the input":
+        out = tmp_path / "holder"
+        shutil.copytree(run_dir, out)  # a run directory, but the model folder lives inside it
+        shutil.copytree(hf_dir, out / "hf")
+        hf_dir = out / "hf"
+    else:
+        out = tmp_path / "run"
+        shutil.copytree(run_dir, out)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = (["--to-hf", str(run_dir)] if case == "export into a run directory" else ["--from-hf", str(hf_dir)])
+    assert convert.main([*argv, "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing touched
+
+
+def test_failed_overwrite_keeps_the_previous_result(llama, tmp_path, capsys, monkeypatch):
+    _, _, hf_dir, run_dir, _, _ = llama
+    out = tmp_path / "hf"
+    convert.export_hf(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_weights", broken)
+    assert convert.main(["--to-hf", str(run_dir), "--out", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err == "error: disk full\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
+
+    run_out = tmp_path / "run"
+    shutil.copytree(run_dir, run_out)
+    record = (run_out / "run.json").read_bytes()
+    monkeypatch.setattr(convert, "load_params", broken)
+    assert convert.main(["--from-hf", str(hf_dir), "--out", str(run_out), "--overwrite"]) == 2
+    assert (run_out / "run.json").read_bytes() == record and leftovers(tmp_path) == []
+    load_run(run_out)  # still whole
+
+
+def test_a_failed_swap_puts_the_previous_result_back(tmp_path, monkeypatch):
+    old, new = tmp_path / "out", tmp_path / "new"
+    old.mkdir()
+    (old / "run.json").write_text("old")
+    new.mkdir()
+    (new / "run.json").write_text("new")
+    real_rename = convert.os.rename
+
+    def rename(src, dst):
+        if Path(src) == new:
+            raise OSError("interrupted")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(convert.os, "rename", rename)
+    with pytest.raises(OSError, match="interrupted"):
+        convert.replace_dir(new, old)
+    assert (old / "run.json").read_text() == "old" and (new / "run.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+    monkeypatch.setattr(convert.os, "rename", real_rename)
+    convert.replace_dir(new, old)
+    assert (old / "run.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,9 +1,18 @@
-"""Loading, splitting, packing and the stateless, resumable batch order."""
+"""Loading, splitting, packing and the stateless, resumable batch order; config errors vs data errors."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from configs import get_config
+from models.config import ConfigError
 from research import corpus, data
+from research.data import DataError
+from research.input_pipeline import build_datasets
 
 
 def test_load_text_embedded(tmp_path):
@@ -30,14 +39,29 @@ def test_load_text_directory_sorted_and_filtered(tmp_path):
 
 @pytest.mark.parametrize("source", ["foo", "", "/no/such/path.txt"])
 def test_load_text_bad_source(tmp_path, source):
-    with pytest.raises(ValueError, match=r"data.source=.*not 'embedded', an existing file"):
+    """A source that names nothing is a bad config value: a ConfigError naming data.source."""
+    with pytest.raises(ConfigError, match=r"^data.source=.*not 'embedded', an existing file"):
         data.load_text(source, tmp_path)
 
 
 def test_load_text_empty(tmp_path):
+    """A folder with no text is bad data, not a bad config value."""
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no text found"):
+    (tmp_path / "empty" / "blank.txt").write_text(" \n\n ")
+    with pytest.raises(DataError, match=r"^data.source='.*empty': no text found \(allowed suffixes: .txt") as err:
         data.load_text(str(tmp_path / "empty"), tmp_path)
+    assert not isinstance(err.value, ConfigError) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("in_folder", [False, True])
+def test_load_text_not_utf8_names_the_file(tmp_path, in_folder):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("fine", encoding="utf-8")
+    (root / "b.txt").write_bytes(b"caf\xe9 latin-1")
+    source = root if in_folder else root / "b.txt"
+    with pytest.raises(DataError, match=r"^.*docs/b.txt: not UTF-8 text \(invalid continuation byte at byte 3\)$"):
+        data.load_text(str(source), tmp_path)
 
 
 def test_split_documents():
@@ -58,8 +82,13 @@ def test_train_val_split_deterministic_and_disjoint():
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5])
 def test_train_val_split_bad_fraction(fraction):
-    with pytest.raises(ValueError, match="data.val_fraction"):
+    with pytest.raises(ConfigError, match="data.val_fraction"):
         data.train_val_split(["a", "b"], fraction, seed=0)
+
+
+def test_train_val_split_needs_two_documents():
+    with pytest.raises(DataError, match=r"^data: 1 document\(s\); a train/val split needs at least 2 "):
+        data.train_val_split(["only one"], 0.1, seed=0)
 
 
 def test_pack_documents_appends_eos():
@@ -121,6 +150,34 @@ def test_eval_batches_sequential():
 
 
 def test_too_short_stream_raises():
-    with pytest.raises(ValueError, match=r"12 tokens.*batch_size=3 x seq_len=4 needs at least 13"):
+    with pytest.raises(DataError, match=r"12 tokens.*batch_size=3 x seq_len=4 needs at least 13"):
         _dataset(num_tokens=12)
     _dataset(num_tokens=13)
+    with pytest.raises(DataError, match=r"^tokens: expected a 1-D integer array, got shape \(2, 2\)"):
+        data.PackedDataset(np.zeros((2, 2), np.int32), 1, 1)
+    with pytest.raises(ConfigError, match=r"^seq_len=0: expected a positive integer$"):
+        data.PackedDataset(np.arange(10), 0, 1)
+
+
+def test_training_stream_is_what_encode_gives(cache_dir):
+    """Prompts are encoded as training text was: each document is encode(doc) (no bos) followed by eos."""
+    cfg = get_config("smoke").data
+    cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
+    tokenizer, train, _ = build_datasets(cfg, get_config("smoke").model.vocab_size, seed=0)
+    text = data.load_text(cfg.source, cfg.cache_dir).encode("utf-8")[:cfg.max_bytes].decode("utf-8", "ignore")
+    docs, _ = data.train_val_split(data.split_documents(text), cfg.val_fraction, cfg.split_seed)
+    first, second = tokenizer.encode(docs[0]), tokenizer.encode(docs[1])
+    assert first[0] != tokenizer.bos_id and tokenizer.bos_id not in train.tokens
+    expected = [*first, tokenizer.eos_id, *second, tokenizer.eos_id]
+    np.testing.assert_array_equal(train.tokens[:len(expected)], expected)
+
+
+def test_train_command_line_reports_a_data_error_in_one_line(tmp_path):
+    (tmp_path / "corpus.txt").write_text("one document, no blank line to split it\n")
+    proc = subprocess.run([sys.executable, "-m", "research.train", "--config", "smoke", "--no-progress",
+                           "--set", f"data.source={tmp_path / 'corpus.txt'}", "--set", f"data.cache_dir={tmp_path}",
+                           "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: data: 1 document(s); a train/val split needs at least 2 (documents are separated by blank lines)"]

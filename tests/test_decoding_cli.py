@@ -1,8 +1,10 @@
 """`python -m decoding.generate`: one-line errors for bad arguments, and text from a run directory laid out
-as research.train writes it (run.json, tokenizer/, checkpoints/; an untrained smoke model here)."""
+as research.train writes it (run.json, tokenizer/, checkpoints/; an untrained smoke model here), read by
+research.runs.load_run."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from research.checkpoint import Checkpointer
 from research.config import MeshConfig, to_dict
 from research.input_pipeline import build_datasets
 from research.mesh import make_mesh
+from research.runs import RunError, load_run, read_run_config
 from research.train_step import build_steps
 
 
@@ -41,7 +44,7 @@ def run_dir(cache_dir, tmp_path_factory):
     (["--temperature", "-1"], "error: temperature=-1.0: expected >= 0"),
     (["--strategy", "beam", "--num-beams", "0"], "error: num_beams=0: expected a positive integer"),
     (["--max-new-tokens", "10000"], "error: prompt of 1 tokens + max_new_tokens=10000 exceeds model.max_seq_len=64"),
-    (["--step", "7"], "error: --step 7: not among the saved checkpoints [3]"),
+    (["--step", "7"], "error: step=7: not among the saved checkpoints [3] in "),
 ])
 def test_bad_arguments_fail_with_one_line(run_dir, capsys, args, message):
     argv = ["--checkpoint", str(run_dir[0]), "--prompt", "a", *args]
@@ -55,7 +58,62 @@ def test_bad_arguments_fail_with_one_line(run_dir, capsys, args, message):
 
 def test_missing_run_directory(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), "--prompt", "a"]) == 2
-    assert "no run.json" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: {tmp_path}: no run.json (expected a run directory written by "
+                                       "research.train or research.convert --from-hf)\n")
+
+
+def test_load_run_returns_the_model_config_params_and_tokenizer(run_dir):
+    out, cfg, params, tokenizer = run_dir
+    model_cfg, restored, tok = load_run(out)  # the latest step; a str path works as well as a Path
+    assert model_cfg == cfg.model and read_run_config(str(out)) == cfg
+    jax.tree.map(np.testing.assert_array_equal, restored, params)
+    assert (tok.kind, tok.vocab_size) == (tokenizer.kind, tokenizer.vocab_size)
+    assert tok.encode("naïve café") == tokenizer.encode("naïve café")
+    assert load_run(str(out), step=3)[0] == cfg.model
+
+
+def test_load_run_errors_are_one_line_and_name_the_value(run_dir, tmp_path):
+    out = run_dir[0]
+    with pytest.raises(RunError, match=r"^step=7: not among the saved checkpoints \[3\] in .*checkpoints$"):
+        load_run(out, step=7)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: no run.json \(expected a run directory"):
+        load_run(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(out / "run.json", bare)
+    with pytest.raises(RunError, match=rf"^{bare}: no checkpoints saved in {bare / 'checkpoints'}$"):
+        load_run(bare)
+    assert not (bare / "checkpoints").exists()  # reading creates nothing
+    (bare / "run.json").write_text("{not json")
+    with pytest.raises(RunError, match=r"run.json: not valid JSON \(Expecting property name"):
+        load_run(bare)
+
+
+def test_run_without_tokenizer_fails_with_one_line(run_dir, tmp_path, capsys):
+    """A converted checkpoint whose model folder had no tokenizer: load_run gives None, the CLI says why."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir[0], copy)
+    shutil.rmtree(copy / "tokenizer")
+    assert load_run(copy)[2] is None
+    assert main(["--checkpoint", str(copy), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint {copy}: no tokenizer/") and err.count("\n") == 1
+
+
+def test_prompt_is_encoded_as_training_text(run_dir, capsys, monkeypatch):
+    """Our tokenizers' models were trained without bos, so the prompt is exactly encode(prompt)."""
+    seen = []
+    real = cli.generate
+
+    def recording(params, cfg, prompt, lengths, *args, **kwargs):
+        seen.append(np.asarray(prompt)[0, :int(lengths[0])].tolist())
+        return real(params, cfg, prompt, lengths, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", recording)
+    out, tokenizer = run_dir[0], run_dir[3]
+    assert main(["--checkpoint", str(out), "--prompt", "The cat", "--max-new-tokens", "2", "--no-stream"]) == 0
+    assert seen == [tokenizer.encode("The cat")] and seen[0][0] != tokenizer.bos_id
+    capsys.readouterr()
 
 
 def test_greedy_text_is_streamed_from_inside_the_loop(run_dir, capsys, monkeypatch):

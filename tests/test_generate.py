@@ -1,23 +1,27 @@
 """The jitted KV-cache generation loop: against full recompute, per-row independence, stopping,
-sampling equivalences and reproducibility, and logits processors with state.
+sampling equivalences and reproducibility, logits processors with state, min_new_tokens, and the stop
+and pad ids a tokenizer implies.
 
 Tolerance: fp32 whole-model outputs agree to 1e-4 (tokens exactly). The test model's init scale is
 raised so its next-token distributions are peaked and greedy choices are not near-ties.
 """
 
+import types
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding.generate import check_prompt, generate, greedy_by_recompute
-from decoding.loop_step import MAX_PANEL_ROWS, MAX_ROWS, loop_step
-from decoding.prefill import make_decode_step, prefill
+from decoding.beam_search import beam_search
+from decoding.generate import _generate, check_prompt, generate, greedy_by_recompute
+from decoding.steps import decode_step, prefill
 from decoding.processors import BannedBigrams, RepetitionPenalty
 from decoding.sampling import SamplerConfig, make_sampler
 from models.config import ModelConfig
-from models.kernels import panel_matmul
-from models.transformer import Transformer, init_params, unbox
+from models.linear import PACKED_MAX_ROWS
+from models.transformer import Transformer, init_params, prepare_params, unbox
 
 ATOL_MODEL = 1e-4
 CFG = ModelConfig(vocab_size=53, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
@@ -55,37 +59,17 @@ def sample(params, key, processors=INERT, **values):
                     sampling=sampling, num_samples=2, processors=processors)
 
 
-@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_PANEL_ROWS + 1])  # kernel or split rows; one 2-D matmul
-def test_decode_step_equals_the_plain_model(params, rows):
+@pytest.mark.parametrize("rows", [1, 4, PACKED_MAX_ROWS + 1])  # packed weights (on CPU), or XLA's matmul
+def test_decode_step_on_prepared_params_equals_the_plain_model(params, rows):
     prompt, lengths = padded([[5, 9, 2, 7, 1, 3]])
     cache, _ = prefill(params, CFG, prompt, lengths, 4, rows)
     tokens = jnp.arange(rows, dtype=jnp.int32) % CFG.vocab_size
-    step = jax.jit(lambda p, t, c: make_decode_step(p, CFG, rows, c)(t, c))
+    step = jax.jit(lambda p, t, c: decode_step(prepare_params(p, CFG, rows), CFG, t, c))
     logits, new_cache = step(params, tokens, cache)
     expected, expected_cache, _ = Transformer(CFG).apply({"params": params}, tokens[:, None], cache=cache)
     np.testing.assert_allclose(logits, expected[:, 0], atol=1e-5)
     for got, want in zip(jax.tree.leaves(new_cache), jax.tree.leaves(expected_cache)):
         np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-def test_loop_step_matmuls_match_einsum(kernel, monkeypatch):
-    if not kernel:  # the per-row products that run where the kernel cannot be built
-        monkeypatch.setattr(panel_matmul, "available", lambda: False)
-    elif not panel_matmul.available():
-        pytest.skip(panel_matmul.unavailable_reason())
-    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)  # 6 rows
-    for spec, w_shape in [("abnh,hnd->abd", (5, 4, 7)),  # contracting dims in another order than w's
-                          ("abnh,dnh->abd", (7, 4, 5)),  # w stored [n, k] (a tied embedding's `attend`)
-                          ("abnh,nd->abdh", (4, 7))]:
-        w = np.random.default_rng(1).normal(size=w_shape).astype(np.float32)
-        fn = lambda w, x: jnp.einsum(spec, x, w)
-        for rows in (x, x[:1, :2]):
-            got = jax.jit(lambda w, x: loop_step(fn, w, x)(x))(w, rows)
-            np.testing.assert_allclose(got, fn(w, rows), rtol=1e-5, atol=1e-5)
-    batched = lambda w, x: jnp.einsum("abnh,abmh->abnm", x, x * w)  # batch dims: not a weight matmul, left alone
-    got = jax.jit(lambda w, x: loop_step(batched, w, x)(x))(np.float32(2), x)
-    np.testing.assert_allclose(got, batched(2, x), rtol=1e-6, atol=1e-6)
 
 
 def test_cached_decoding_equals_full_recompute(params, greedy):
@@ -135,8 +119,9 @@ def test_same_seed_same_tokens_and_samples_differ(params):
     assert not np.array_equal(a.tokens[:, 0], a.tokens[:, 1])  # two samples per prompt
 
 
-def reference_with_processors(params, penalty, banned):
-    """Greedy by recompute with the processors' rules written out in NumPy, one step at a time."""
+def reference_with_processors(params, penalty, banned, stops=(), min_new_tokens=0):
+    """Greedy by recompute with the processors' rules written out in NumPy, one step at a time (M tokens,
+    not stopping; `stops` only get -inf before `min_new_tokens`)."""
     forward = jax.jit(lambda p, x: Transformer(CFG).apply({"params": p}, x)[0])
     out = []
     for prompt, pen in zip(PROMPTS, penalty):
@@ -150,6 +135,8 @@ def reference_with_processors(params, penalty, banned):
             for a, b in banned:
                 if seq[-1] == a:
                     logits[b] = -np.inf
+            if len(seq) - len(prompt) < min_new_tokens:
+                logits[list(stops)] = -np.inf
             seq.append(int(np.argmax(logits)))
         out.append(seq[len(prompt):])
     return np.array(out)
@@ -178,3 +165,108 @@ def test_prompt_longer_than_context_is_refused(params):
     with pytest.raises(ValueError, match=r"^prompt_lengths=\[7\]: expected 1 <= length <= 6"):
         generate(params, CFG, np.zeros((1, 6), np.int32), np.array([7]), max_new_tokens=8)
     check_prompt(CFG, 24, 8)  # exactly fits
+
+
+def test_sampled_tokens_do_not_depend_on_the_threshold_method(params, greedy):
+    prompt, lengths = padded(PROMPTS)
+    _, sampling = make_sampler(2, temperature=[1.2, 0.0], top_k=[6, 3], top_p=[0.8, 0.5])  # row 1 greedy
+    outs = [generate(params, CFG, prompt, lengths, jax.random.key(5), max_new_tokens=M, num_samples=3,
+                     sampler=SamplerConfig(sample=True, top_k=True, top_p=True, method=method), sampling=sampling)
+            for method in ("sort", "bisect")]
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[0].tokens[1], np.repeat(greedy.tokens[1], 3, axis=0))
+    assert not np.array_equal(outs[0].tokens[0, 0], outs[0].tokens[0, 1])  # row 0 does sample
+
+
+def first_stop_length(tokens, stops):
+    """The length of a continuation that stops at the first of `stops` in `tokens` (all of them if none)."""
+    return next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+
+
+def test_min_new_tokens_holds_the_stop_tokens_back(params, greedy):
+    free = np.asarray(greedy.tokens[:, 0])
+    stops = (int(free[0, 0]), int(free[1, 1]))  # without it, row 0 stops at once and row 1 after 2 tokens
+    prompt, lengths = padded(PROMPTS)
+    expected = reference_with_processors(params, np.ones(2, np.float32), [], stops=stops, min_new_tokens=3)
+    out = generate(params, CFG, prompt, lengths, max_new_tokens=M, stop_tokens=stops, min_new_tokens=3)
+    compiled = _generate._cache_size()
+    for row in range(2):
+        length = first_stop_length(expected[row], stops)
+        assert int(out.lengths[row, 0]) == length >= 4
+        np.testing.assert_array_equal(out.tokens[row, 0, :length], expected[row, :length])
+    never = generate(params, CFG, prompt, lengths, max_new_tokens=M, stop_tokens=stops, min_new_tokens=M)
+    assert np.all(never.lengths == M) and _generate._cache_size() == compiled  # a traced value
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_new_tokens=-1), "min_new_tokens=-1: expected an integer with 0 <= min_new_tokens <= max_new_tokens=8"),
+    (dict(min_new_tokens=9), "min_new_tokens=9: expected an integer with 0 <= min_new_tokens <= max_new_tokens=8"),
+    (dict(min_new_tokens=1.5), "min_new_tokens=1.5: expected an integer"),
+    (dict(pad_id="0"), "pad_id='0': expected an integer token id"),
+])
+def test_bad_loop_arguments_fail_with_one_line(params, kwargs, message):
+    prompt, lengths = padded(PROMPTS)
+    for decode in (generate, beam_search):
+        with pytest.raises(ValueError, match="^" + message) as err:
+            decode(params, CFG, prompt, lengths, max_new_tokens=M, **kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_stop_and_pad_ids_default_to_the_tokenizers(params, greedy):
+    free = np.asarray(greedy.tokens[:, 0])
+    eos = int(free[0, 2])
+    prompt, lengths = padded(PROMPTS)
+    tokenizer = lambda eos_id, pad_id: types.SimpleNamespace(eos_id=eos_id, pad_id=pad_id)
+
+    def check(stop, pad, **kwargs):
+        out = generate(params, CFG, prompt, lengths, max_new_tokens=M, **kwargs)
+        for row in range(2):
+            length = first_stop_length(free[row], (stop,))
+            assert int(out.lengths[row, 0]) == length, kwargs
+            np.testing.assert_array_equal(out.tokens[row, 0, :length], free[row, :length])
+            assert np.all(np.asarray(out.tokens[row, 0, length:]) == pad), kwargs
+
+    assert first_stop_length(free[0], (eos,)) < M
+    check(eos, 50, tokenizer=tokenizer(eos, 50))
+    check(eos, eos, tokenizer=tokenizer(eos, None))  # no pad id: the stop token
+    check(eos, eos, tokenizer=tokenizer(eos, -1))
+    check(None, 0, tokenizer=tokenizer(None, None))
+    check(eos, 7, tokenizer=tokenizer(eos, 50), pad_id=7)  # explicit arguments win
+    check(None, 50, tokenizer=tokenizer(eos, 50), stop_tokens=())
+    check(eos, eos, stop_tokens=(eos,))  # no tokenizer: pad with the first stop token
+    check(None, 0)
+
+
+PROBED = []  # (step, state [R]) from LastTokenProbe, in order
+
+
+@flax.struct.dataclass
+class LastTokenProbe:
+    """A processor whose state is each row's last token, reported to the host at every step."""
+
+    def init(self, prompt, prompt_lengths, vocab_size):
+        return jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
+
+    def process(self, state, logits, step):
+        jax.debug.callback(lambda t, s: PROBED.append((int(t), np.asarray(s))), step, state, ordered=True)
+        return logits
+
+    def update(self, state, tokens):
+        return tokens
+
+
+def test_finished_rows_keep_their_processor_states(params, greedy):
+    """The pad id written after a row's stop token never reaches its processors' states."""
+    free = np.asarray(greedy.tokens[:, 0])
+    stops = (int(free[0, 2]), int(free[1, 4]))
+    prompt, lengths = padded(PROMPTS)
+    PROBED.clear()
+    out = generate(params, CFG, prompt, lengths, max_new_tokens=M, stop_tokens=stops, pad_id=-1,
+                   processors=(LastTokenProbe(),))
+    ends = np.asarray(out.lengths[:, 0])
+    assert ends.min() < ends.max() <= M and [t for t, _ in PROBED] == list(range(ends.max()))
+    for step, state in PROBED:
+        for row, prompt_row in enumerate(PROMPTS):
+            last = out.tokens[row, 0, min(step, ends[row]) - 1] if step else prompt_row[-1]
+            assert state[row] == last, (step, row)
+

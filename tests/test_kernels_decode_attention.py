@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import xla_attention
+from models.attention import masked_attention
 from models.kernels.decode_attention import DecodeBlockSizes, decode_attention, decode_attention_reference
 
 # Tolerances, written down once (atol = rtol).
@@ -80,7 +80,7 @@ class TestDecodeAttention:
         q_pos = kv_len - 1
         out = kernel(q, kk, v, kv_len, q_pos, window=window, interpret=interpret)
         slots = jnp.broadcast_to(jnp.arange(S), (4, S))
-        expected = xla_attention(q[:, None], kk, v, q_pos[:, None], slots, kv_len, window)[:, 0]
+        expected = masked_attention(q[:, None], kk, v, q_pos[:, None], slots, kv_len, window)[:, 0]
         np.testing.assert_allclose(out, expected, atol=TOL[dtype], rtol=TOL[dtype])
 
     @pytest.mark.parametrize("interpret", MODES)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.kernels.common import MaskSpec, mask_inputs
+from models.kernels.mask import MaskSpec, mask_inputs
 from models.kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 
 # Tolerances, written down once (atol = rtol), for the forward output and the gradients alike.

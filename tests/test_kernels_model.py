@@ -18,7 +18,7 @@ MODEL_TOL = 1e-4  # fp32 whole models, as in tests/test_models.py
 
 # GQA with a sliding window shorter than the sequences, so the window and grouping both matter.
 XLA = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=32,
-                  sliding_window=6)
+                  sliding_window=6, attention_impl="xla")
 PALLAS = dataclasses.replace(XLA, attention_impl="pallas")
 
 

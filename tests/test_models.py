@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, causal_attention
-from models.attention import attention_mask, xla_attention
+from models import attention, blocked_attention
+from models.attention import attention_mask, masked_attention
 from models.config import ConfigError, ModelConfig
 from models.kv_cache import init_cache, kv_cache_bytes, with_lengths
 from models.rope import apply_rope, rope_inverse_frequencies
@@ -68,7 +68,7 @@ def test_attention_matches_naive_reference(kv_heads, window):
     if window:
         expected_mask &= pos[0][None, :] > pos[0][:, None] - window
     np.testing.assert_array_equal(np.asarray(mask[0]), expected_mask)
-    out = xla_attention(q, k, v, jnp.asarray(pos), jnp.asarray(pos), None, window)
+    out = masked_attention(q, k, v, jnp.asarray(pos), jnp.asarray(pos), None, window)
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask),
                                atol=OP_TOL, rtol=OP_TOL)
 
@@ -77,28 +77,28 @@ def test_attention_matches_naive_reference(kv_heads, window):
 def test_block_skipping_causal_attention_matches_reference(kv_heads, window, monkeypatch):
     """Blocks of 4 queries over 18 positions: full, partial and (with a window) left-skipped blocks;
     the recomputing backward pass against autodiff of the plain masked attention."""
-    monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)
     b, t = 2, 18
     q, k, v = random_qkv(1, b, t, kv_heads)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = attention_mask(pos, pos, None, window)
-    out = jax.jit(causal_attention.causal_attention, static_argnums=3)(q, k, v, window)
+    out = jax.jit(blocked_attention.causal_attention, static_argnums=3)(q, k, v, window)
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask), atol=OP_TOL, rtol=OP_TOL)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
-    grads = jax.jit(jax.grad(loss(lambda q, k, v: causal_attention.causal_attention(q, k, v, window)),
+    grads = jax.jit(jax.grad(loss(lambda q, k, v: blocked_attention.causal_attention(q, k, v, window)),
                              argnums=(0, 1, 2)))(q, k, v)
-    expected = jax.jit(jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, pos, pos, None, window)),
+    expected = jax.jit(jax.grad(loss(lambda q, k, v: masked_attention(q, k, v, pos, pos, None, window)),
                                 argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, atol=OP_TOL, rtol=OP_TOL)
 
 
 def test_default_positions_take_the_block_skipping_path_with_same_result(monkeypatch):
-    """positions=None (consecutive, skips masked blocks) equals the same positions passed explicitly."""
-    monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 4)
+    """positions=None (arange, skips masked blocks) equals the same positions passed explicitly."""
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)
     cfg = dataclasses.replace(TINY, sliding_window=6)
     params = params_for(cfg)
     calls = []
@@ -303,3 +303,57 @@ def test_bad_model_config_names_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         dataclasses.replace(TINY, **{field: value})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blocked", "cpu_fused"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_attention_impls_match_the_masked_reference_in_the_model(impl, window):
+    """Each algorithm `attention_impl` names gives the plain masked attention's logits: with default
+    positions (the static causal mask), with explicit shifted positions, and decoding over a cache."""
+    ref_cfg = dataclasses.replace(TINY, sliding_window=window)
+    cfg = dataclasses.replace(ref_cfg, attention_impl=impl)
+    params = params_for(ref_cfg)
+    tokens = jax.random.randint(jax.random.key(5), (2, 11), 0, TINY.vocab_size)
+    shifted = jnp.broadcast_to(jnp.arange(11) + 3, tokens.shape)
+
+    def reference(tokens, positions):
+        # The whole model with masked_attention: the explicit-positions path of `blocked`.
+        return Transformer(dataclasses.replace(ref_cfg, attention_impl="blocked")).apply(
+            {"params": params}, tokens, positions)[0]
+
+    arange = jnp.broadcast_to(jnp.arange(11), tokens.shape)
+    np.testing.assert_allclose(Transformer(cfg).apply({"params": params}, tokens)[0], reference(tokens, arange),
+                               atol=MODEL_TOL)
+    np.testing.assert_allclose(Transformer(cfg).apply({"params": params}, tokens, shifted)[0],
+                               reference(tokens, shifted), atol=MODEL_TOL)
+    cache = init_cache(cfg, 2, 16)
+    _, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, :7], cache=cache)
+    step, _, _ = Transformer(cfg).apply({"params": params}, tokens[:, 7:8], cache=cache)
+    np.testing.assert_allclose(step[:, 0], reference(tokens[:, :8], arange[:, :8])[:, 7], atol=MODEL_TOL)
+
+
+def test_auto_implementations_resolve_per_backend():
+    assert (TINY.resolved("cpu").attention_impl, TINY.resolved("cpu").matmul_impl) == ("blocked", "xla")
+    for backend in ("gpu", "tpu"):
+        assert (TINY.resolved(backend).attention_impl, TINY.resolved(backend).matmul_impl) == ("xla", "xla")
+    explicit = dataclasses.replace(TINY, attention_impl="pallas", matmul_impl="cpu_panel")
+    assert explicit.resolved("gpu") == explicit
+
+
+@pytest.mark.parametrize("field", ["attention_impl", "matmul_impl"])
+def test_renamed_implementation_values_name_the_new_ones(field):
+    with pytest.raises(ConfigError, match=f"model.{field}='cpu': expected one of .* "
+                                          r"\('cpu' was renamed: cpu_fused or cpu_panel\)") as err:
+        dataclasses.replace(TINY, **{field: "cpu"})
+    assert "\n" not in str(err.value)
+
+
+def test_renamed_moe_field_names_the_new_one():
+    from research.config import TrainConfig, from_dict, override, to_dict
+    cfg = TrainConfig()
+    with pytest.raises(ConfigError, match=r"'model.moe.every' was renamed to 'model.moe.every_n_layers'"):
+        override(cfg, "model.moe.every", "2")
+    old = to_dict(cfg)
+    old["model"]["moe"]["every"] = old["model"]["moe"].pop("every_n_layers")  # a run.json from before
+    with pytest.raises(ConfigError, match=r"unknown config key 'every' for MoEConfig \(renamed to 'every_n_layers'\)"):
+        from_dict(TrainConfig, old)

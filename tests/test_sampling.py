@@ -1,16 +1,19 @@
-"""Sampling filters against NumPy references, sampling frequencies against the filtered distribution.
+"""Sampling filters against NumPy references, sampling frequencies against the filtered distribution, and
+the bisection thresholds (no sort) against the sort, their oracle.
 
 Masks are compared exactly: test values sit away from floating-point boundaries except deliberate ties,
 which are exact (equal logits).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding.sampling import (SamplerConfig, SamplingParams, choose_tokens, filter_logits, make_sampler,
-                               min_p_mask, top_k_mask, top_p_mask)
+from decoding.sampling import (SamplerConfig, SamplingParams, backend_default, choose_tokens, filter_logits,
+                               make_sampler, min_p_mask, top_k_mask, top_p_mask)
 
 NEG_INF = -np.inf
 # chi-square critical values at significance 0.001, by degrees of freedom (standard tables).
@@ -54,9 +57,10 @@ RANDOM = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32) * 2
 ROWS = np.concatenate([TIES[None], TIES[None], RANDOM])
 
 
-@pytest.fixture(scope="module")
-def masks():
-    return jax.jit(lambda x, k, p, m: (top_k_mask(x, k), top_p_mask(x, p), min_p_mask(x, m)))
+@pytest.fixture(scope="module", params=["sort", "bisect"])
+def masks(request):
+    method = request.param
+    return jax.jit(lambda x, k, p, m: (top_k_mask(x, k, method), top_p_mask(x, p, method), min_p_mask(x, m)))
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 4, 5, 8, 9])  # 2 and 4 fall inside the tie at 1.0; 8 = V, 9 > V
@@ -117,7 +121,66 @@ def test_sampling_frequencies_match_the_filtered_distribution():
         assert chi2 < CHI2_CRITICAL_0_001[int(kept.sum()) - 1], (setting, chi2, counts, expected)
 
 
+def random_rows_with_ties(rows: int = 48, vocab: int = 40) -> np.ndarray:
+    """Random logits; every third row rounded (runs of exact ties), every fourth with -inf entries, one row
+    all ties, one with a +0.0 / -0.0 tie at the top."""
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(rows, vocab)) * 3).astype(np.float32)
+    x[::3] = np.round(x[::3])
+    x[1::4, ::3] = NEG_INF
+    x[2] = 0.5
+    x[5] = np.where(np.arange(vocab) % 2, 0.0, -0.0) - 5.0 * (np.arange(vocab) > 3)
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bisection_thresholds_equal_the_sorted_ones(seed):
+    """The bisection (no sort) against the sort, over random logits with exact ties and edge values of k
+    and p: k = 0, 1, inside a run of ties, V - 1, V, > V; p tiny, 1 - tiny, 1, and random."""
+    x = random_rows_with_ties()
+    rows, vocab = x.shape
+    rng = np.random.default_rng(seed)
+    k = rng.choice(np.array([0, 1, 2, 3, vocab - 1, vocab, vocab + 5, *rng.integers(1, vocab, 8)]), rows)
+    p = rng.choice(np.array([1e-7, 1e-3, 0.999999, 1.0, *rng.uniform(0.01, 0.99, 8)], np.float32), rows)
+    masks = jax.jit(lambda x, k, p, method: (top_k_mask(x, k, method), top_p_mask(x, p, method)),
+                    static_argnums=3)
+    by_sort = [np.asarray(m) for m in masks(x, k.astype(np.int32), p, "sort")]
+    by_bisection = [np.asarray(m) for m in masks(x, k.astype(np.int32), p, "bisect")]
+    np.testing.assert_array_equal(by_bisection[0], by_sort[0])
+    np.testing.assert_array_equal(by_bisection[1], by_sort[1])
+    for row in range(rows):  # and the sort against the documented definitions
+        np.testing.assert_array_equal(by_sort[0][row], np_top_k(x[row], k[row]))
+        np.testing.assert_array_equal(by_sort[1][row], np_top_p(x[row], p[row]))
+    assert by_sort[1].any(-1).all() and by_sort[0].any(-1).all()  # at least one token everywhere
+
+
+@pytest.mark.parametrize("method", ["sort", "bisect"])
+def test_sampled_tokens_do_not_depend_on_the_method(method):
+    """The same uniform numbers pick the same tokens whichever way the thresholds are found."""
+    x = random_rows_with_ties()
+    rows = x.shape[0]
+    rng = np.random.default_rng(2)
+    params = SamplingParams(temperature=jnp.asarray(rng.uniform(0.5, 2.0, rows), jnp.float32),
+                            top_k=jnp.asarray(rng.integers(0, 12, rows), jnp.int32),
+                            top_p=jnp.asarray(rng.uniform(0.3, 1.0, rows), jnp.float32),
+                            min_p=jnp.zeros((rows,), jnp.float32))
+    choose = jax.jit(choose_tokens, static_argnums=0)
+    config = SamplerConfig(sample=True, top_k=True, top_p=True)
+    for seed in range(3):
+        expected = choose(config, params, x, jax.random.key(seed))  # "auto": bisection on CPU
+        got = choose(dataclasses.replace(config, method=method), params, x, jax.random.key(seed))
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_auto_resolves_by_backend(monkeypatch):
+    assert backend_default("auto", "bisect", "sort") == ("bisect" if jax.default_backend() == "cpu" else "sort")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert backend_default("auto", "bisect", "sort") == "sort"
+    assert backend_default("bisect", "bisect", "sort") == "bisect"
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(method="quickselect"), "method='quickselect': expected one of auto, sort, bisect"),
     (dict(top_p=0.0), "top_p=0.0: expected 0 < top_p <= 1"),
     (dict(top_p=1.5), "top_p=1.5: expected 0 < top_p <= 1"),
     (dict(temperature=-0.5), "temperature=-0.5: expected >= 0"),

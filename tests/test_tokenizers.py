@@ -6,9 +6,11 @@ import time
 
 import pytest
 
+from models.config import ConfigError
 from research import bpe
 from research import sentencepiece_tokenizer
 from research import tokenizer
+from research.data import DataError
 
 VOCAB_SIZE = 512
 
@@ -99,6 +101,21 @@ def test_specials_are_distinct_and_dropped_by_decode(trained, kind):
     ids = tok.encode("some text")
     assert not specials & set(ids)
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == "some text"
+
+
+@pytest.mark.parametrize("kind", tokenizer.KINDS)
+def test_encode_adds_bos_only_when_asked(trained, kind):
+    """Our models are trained without bos (research/data.py), so by default encode adds none."""
+    tok = trained[kind]
+    assert tok.add_bos_default is False
+    for text in ["some text", "", "U+2581 ▁ here"]:  # the last takes SentencePiece's meta-space path
+        plain = tok.encode(text, add_bos=False)
+        assert tok.encode(text) == plain and tok.bos_id not in plain
+        assert tok.encode(text, add_bos=True) == [tok.bos_id, *plain]
+        assert tok.decode(tok.encode(text, add_bos=True)) == text
+    texts = ["one", "two ▁", ""]
+    assert tok.encode_batch(texts, add_bos=True) == [[tok.bos_id, *tok.encode(t)] for t in texts]
+    assert tok.encode_batch(texts) == tok.encode_batch(texts, add_bos=False) == [tok.encode(t) for t in texts]
 
 
 @pytest.mark.parametrize("kind", tokenizer.KINDS)
@@ -253,9 +270,20 @@ def test_sentencepiece_training_is_deterministic(kind):
 
 
 def test_unknown_kind_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"^data\.tokenizer='wordpiece': expected one of bpe, "
-                                         r"sentencepiece-bpe, sentencepiece-unigram$"):
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer='wordpiece': expected one of bpe, "
+                                          r"sentencepiece-bpe, sentencepiece-unigram$"):
         tokenizer.train_tokenizer("wordpiece", "text", 1000, tmp_path)
+
+
+def test_a_bad_saved_tokenizer_is_a_data_error(tmp_path):
+    """A tokenizer folder that cannot be read is bad data on disk, not a config value."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no tokenizer.json or tokenizer.model \(expected a saved tokenizer\)$"):
+        tokenizer.load_tokenizer(tmp_path / "empty")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "tokenizer.json").write_text('{"kind": "wordpiece"}')
+    with pytest.raises(DataError, match=r"odd: unknown tokenizer kind 'wordpiece'$"):
+        tokenizer.load_tokenizer(tmp_path / "odd")
 
 
 @pytest.mark.parametrize("kind,minimum", [("bpe", 259), ("sentencepiece-bpe", 261),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from models.kernels.common import (MASK_VALUE, check_launch, check_tile, fit_block, pad_axis, padded_head_dim,
+from models.kernels.mask import (MASK_VALUE, check_launch, check_tile, fit_block, pad_axis, padded_head_dim,
                                    resolve_interpret, round_up)
 from models.kernels.flash_attention import flash_attention_reference
 

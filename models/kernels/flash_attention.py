@@ -4,7 +4,7 @@
                           causal=True, sliding_window=0)
 
 q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (MHA, GQA, MQA): query head n reads kv head
-n // G, so K/V are never repeated. The mask is the one described in `models.kernels.common`;
+n // G, so K/V are never repeated. The mask is the one described in `models.kernels.mask`;
 positions default to arange (causal is then top-left aligned, as in `jax.nn.dot_product_attention`),
 kv_lengths to S, segment ids to a single segment. A query that sees no key gets zeros.
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from models.kernels.common import (MASK_VALUE, MaskInputs, MaskSpec, check_launch, check_tile, fit_block,
+from models.kernels.mask import (MASK_VALUE, MaskInputs, MaskSpec, check_launch, check_tile, fit_block,
                                    mask_inputs, pad_axis, padded_head_dim, resolve_interpret, round_up)
 
 

@@ -1,6 +1,6 @@
 """The CPU kernels' shared library: compiled with the host's C++ compiler on first use, registered with XLA.
 
-The FFI handlers in `panel_matmul.cc` and `cpu_attention.cc` (with `tile.h`) are built into one library,
+The FFI handlers in `panel_matmul.cc` and `attention.cc` (with `tile.h`) are built into one library,
 cached under `$XDG_CACHE_HOME/llm_fundamentals` (default ~/.cache; the temp folder if that cannot be
 written), keyed by the sources, jax's version, the compiler and the CPU, and written whole or not at all.
 Where that cannot be done (no compiler, not a CPU backend), `available()` is False with the reason in
@@ -24,7 +24,7 @@ import warnings
 import jax
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = (_DIR / "panel_matmul.cc", _DIR / "cpu_attention.cc")
+_SOURCES = (_DIR / "panel_matmul.cc", _DIR / "attention.cc")
 _HEADERS = (_DIR / "tile.h", _DIR / "share.h")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {

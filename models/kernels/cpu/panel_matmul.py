@@ -6,8 +6,9 @@
 
 Two uses. The decode step multiplies a handful of rows by weights that come from memory: XLA:CPU's
 general matmul repacks the weight on every call (~3x a one-row product for four rows), while the
-kernel streams panels packed once, before the loop (`decoding/loop_step.py`). A forward over many rows
-(`ModelConfig.matmul_impl="cpu"`, via `models/linear.py`) is compute-bound: the kernel packs a raw
+kernel streams panels packed once, before the loop (`linear.py`'s `Packed` weights, made by
+`models.transformer.prepare_params`). A forward over many rows (`ModelConfig.matmul_impl="cpu_panel"`,
+via `models/linear.py`) is compute-bound: the kernel packs a raw
 weight itself, into a buffer it keeps, and runs 6-row x 16-column register tiles over blocks of rows;
 the grouped form computes each expert's run of sorted rows with no padding, which XLA on CPU has no op
 for (`jax.lax.ragged_dot` computes every group densely there). The library is built by `cpu_library`;
@@ -20,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models.kernels.cpu_library import available, unavailable_reason
+from models.kernels.cpu.library import available, unavailable_reason
 
 PANEL = 16
 TARGET = "llmf_panel_matmul"

@@ -1,15 +1,18 @@
-"""What the decode loops share: checked inputs, stop tokens, the prompt prefilled into a KV cache, the step."""
+"""The model's two steps in a decode loop (the prompt prefilled into a KV cache, then one token per row),
+and the input checks and stop tokens both loops share.
+
+What must happen once before the loop (weights cast to the compute dtype, or packed for the CPU kernel)
+is `models.transformer.prepare_params`, a transform of the params pytree: the step itself is `model.apply`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.loop_step import loop_step
 from models.config import ModelConfig
 from models.kv_cache import KVCache, init_cache, with_lengths
 from models.transformer import Transformer
@@ -73,19 +76,11 @@ def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: ja
     return cache, last
 
 
-def make_decode_step(params: Any, cfg: ModelConfig, rows: int, cache: tuple[KVCache, ...]
-                     ) -> Callable[[jax.Array, tuple[KVCache, ...]], tuple[jax.Array, tuple[KVCache, ...]]]:
-    """Made once before a decode loop: step(tokens [rows], cache) -> (next-token logits [rows, V] fp32,
-    updated caches), one token per row through the model. cache: one of the loop's caches (for shapes).
+def decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array,
+                cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """One token per row through the model: tokens [R] -> (next-token logits [R, V] fp32, updated caches).
 
-    On CPU the weight work is hoisted out of the loop and the weight matmuls run for few rows
-    (`decoding/loop_step.py`). loop_step routes them itself (to the CPU kernel on weights packed once,
-    before the loop), so the step is traced with XLA's matmuls whatever `cfg.matmul_impl` says.
+    params: from `models.transformer.prepare_params` (or plain params): the loop's body is `model.apply`.
     """
-    step_cfg = dataclasses.replace(cfg, matmul_impl="xla")
-
-    def apply(params: Any, tokens: jax.Array, cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
-        logits, cache, _ = Transformer(step_cfg).apply({"params": params}, tokens[:, None], cache=cache)
-        return logits[:, 0], cache
-
-    return loop_step(apply, params, jax.ShapeDtypeStruct((rows,), jnp.int32), cache)
+    logits, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, None], cache=cache)
+    return logits[:, 0], cache

@@ -1,4 +1,4 @@
-"""The CPU matmul kernel (`models/kernels/panel_matmul.py`): the packed layout against a naive loop, the
+"""The CPU matmul kernel (`models/kernels/cpu/panel_matmul.py`): the packed layout against a naive loop, the
 product (raw or packed weight, dense or per group) against NumPy at row counts, depths and widths that
 leave partial tiles, row blocks and panels, and what happens where the CPU kernels cannot be built."""
 
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.kernels import cpu_library, panel_matmul
-from models.kernels.panel_matmul import PANEL, pack, panel_matmul_reference
+from models.kernels.cpu import library as cpu_library
+from models.kernels.cpu import panel_matmul
+from models.kernels.cpu.panel_matmul import PANEL, pack, panel_matmul_reference
 
 
 @pytest.fixture(scope="module")

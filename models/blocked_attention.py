@@ -1,4 +1,4 @@
-"""Causal self-attention over consecutive positions (no cache), skipping the masked blocks, in plain jnp.
+"""Causal self-attention over positions 0..T-1 (no cache), skipping the masked blocks, in plain jnp.
 
 When query and key positions are both 0..T-1 in every row, the mask is static, so the queries are
 cut into blocks and each block multiplies only the keys it can see (up to its last query, from its
@@ -20,8 +20,6 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models.kernels.cpu_attention import cpu_causal_attention
-
 
 # Query positions per block: small blocks skip more of the masked triangle and keep a block's scores
 # in cache; MAX_QUERY_BLOCKS bounds the unrolled program for long sequences.
@@ -41,7 +39,7 @@ def ungrouped(out: jax.Array, t: int) -> jax.Array:
     return out.reshape(b, kv_heads, t, rows // t, h).transpose(0, 2, 1, 3, 4).reshape(b, t, -1, h)
 
 
-class _Spec(NamedTuple):
+class BlockSpec(NamedTuple):
     """The static description of the blocks (hashable: a non-differentiable custom_vjp argument)."""
 
     window: int  # 0: full causal
@@ -54,20 +52,19 @@ class _Spec(NamedTuple):
             yield start, min(start + self.block, t), first
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int,
-                     fused: bool = False) -> jax.Array:
+def block_spec(t: int, sliding_window: int) -> BlockSpec:
+    return BlockSpec(sliding_window, max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int) -> jax.Array:
     """q: [B, T, N, H]; k, v: [B, T, K, H] -> [B, T, N, H], fp32 logits and softmax.
 
-    Equals `xla_attention` with q and kv positions 0..T-1 and no cache. Only the caller knows that
-    the positions are consecutive (the model passes it down): this is never decided from values.
-    fused: the forward pass by the CPU kernel (`models/kernels/cpu_attention.py`, float32), the same
-    blocks and softmax in one op; the backward pass is this file's either way.
+    Equals masked attention with q and kv positions 0..T-1 and no cache. Only the caller knows that
+    the positions are 0..T-1 (the model passes it down): this is never decided from values.
     """
     t, kv_heads = q.shape[1], k.shape[2]
-    spec = _Spec(sliding_window, max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)))
-    if fused:
-        return _fused(q, k, v, spec)
-    out = _blocked(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), spec)
+    out = _blocked(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                   block_spec(t, sliding_window))
     return ungrouped(out, t)
 
 
@@ -85,7 +82,7 @@ def _masked_logits(q: jax.Array, k: jax.Array, start: int, end: int, first: int,
     return jnp.where(mask, logits.reshape(b, kv_heads, c, rows // c, end - first), -jnp.inf)
 
 
-def _forward(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax.Array, jax.Array]:
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, spec: BlockSpec) -> tuple[jax.Array, jax.Array]:
     """q: [B, K, T * G, H]; k, v: [B, K, T, H] -> (out like q, log-sum-exp of each row's logits [B, K, T * G])."""
     b, kv_heads, rows, _ = q.shape
     g = rows // k.shape[2]
@@ -101,8 +98,8 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-def _backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
-              spec: _Spec) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+              spec: BlockSpec) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of `_forward`'s out w.r.t. q, k, v, with each block's probabilities recomputed."""
     b, kv_heads, rows, h = q.shape
     g = rows // k.shape[2]
@@ -127,40 +124,18 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> jax.Array:
+def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, spec: BlockSpec) -> jax.Array:
     """Grouped q: [B, K, T * G, H]; k, v: [B, K, T, H] -> [B, K, T * G, H]."""
     return _forward(q, k, v, spec)[0]
 
 
-def _blocked_fwd(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax.Array, tuple]:
+def _blocked_fwd(q: jax.Array, k: jax.Array, v: jax.Array, spec: BlockSpec) -> tuple[jax.Array, tuple]:
     out, lse = _forward(q, k, v, spec)
     return out, (q, k, v, out, lse)
 
 
-def _blocked_bwd(spec: _Spec, residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return _backward(*residuals, d_out, spec)
+def _blocked_bwd(spec: BlockSpec, residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return backward(*residuals, d_out, spec)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> jax.Array:
-    """q: [B, T, N, H]; k, v: [B, T, K, H] -> [B, T, N, H], by the CPU kernel."""
-    return cpu_causal_attention(q, k, v, spec.window)[0]
-
-
-def _fused_fwd(q: jax.Array, k: jax.Array, v: jax.Array, spec: _Spec) -> tuple[jax.Array, tuple]:
-    out, lse = cpu_causal_attention(q, k, v, spec.window)
-    return out, (q, k, v, out, lse)
-
-
-def _fused_bwd(spec: _Spec, residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, out, lse = residuals
-    t, kv_heads = q.shape[1], k.shape[2]
-    d_q, d_k, d_v = _backward(grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                              grouped(out, kv_heads), lse, grouped(d_out, kv_heads), spec)
-    return ungrouped(d_q, t), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)

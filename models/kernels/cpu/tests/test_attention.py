@@ -1,7 +1,7 @@
-"""The fused CPU attention kernel (`models/kernels/cpu_attention.py`): output and log-sum-exp against a
+"""The fused CPU attention kernel (`models/kernels/cpu/attention.py`): output and log-sum-exp against a
 naive NumPy loop (MHA, GQA, MQA; full causal and sliding windows; head dims that are not a multiple of
 16; lengths that leave partial query blocks and key panels), and its gradients through
-`causal_attention(fused=True)` against the jnp path's."""
+`fused_causal_attention` against the blocked jnp path's."""
 
 import shutil
 
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.causal_attention import causal_attention
-from models.kernels import cpu_library
-from models.kernels.cpu_attention import cpu_causal_attention
+from models.blocked_attention import causal_attention
+from models.kernels.cpu import library as cpu_library
+from models.kernels.cpu.attention import cpu_causal_attention, fused_causal_attention
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_gradients_match_the_jnp_path(kernel, window):
     d_out = jnp.asarray(rng.normal(size=(2, 45, 4, 16)), jnp.float32)
 
     def grads(fused):
-        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, window, fused=fused) * d_out)
+        attend = fused_causal_attention if fused else causal_attention
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v, window) * d_out)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     for got, want in zip(grads(True), grads(False)):
