@@ -8,7 +8,7 @@ measured with the capacity the run trained with.
   smoke  2 cells, 12 steps: the test suite runs it end to end
   quick  the README's main job: the headline remedies over 2 seeds, the alpha trade-off and the
          capacity factor at 300 steps (about 15 minutes on 2 CPU cores)
-  full   the issue's whole grid (E in {8, 16}, top-1 and top-2, 3 seeds, 1000 steps): an accelerator
+  full   the whole grid (E in {8, 16}, top-1 and top-2, 3 seeds, 1000 steps): an accelerator
          or a long CPU run
 """
 

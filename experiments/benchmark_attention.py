@@ -46,7 +46,7 @@ DECODE_BATCH, DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 8, 32, 8, 128
 DECODE_LENS = (4096, 16384, 65536)
 DECODE_TILES = (DecodeBlockSizes(64, 16), DecodeBlockSizes(128, 16), DecodeBlockSizes(128, 32),
                 DecodeBlockSizes(256, 8, num_warps=8))
-# The issue's targets.
+# The kernels' targets.
 TARGET_FWD_BWD_VS_CUDNN = 1.0
 TARGET_FWD_VS_MATMUL_PEAK = 0.5  # at sequence length >= 4096
 TARGET_DECODE_VS_PEAK_BW = 0.6
@@ -180,7 +180,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def targets(results: dict[str, Any]) -> dict[str, bool | None]:
-    """The issue's targets, each True/False, or None when a number it needs is missing."""
+    """The targets, each True/False, or None when a number it needs is missing."""
     best = best_rows(results["flash"])
     peak = results["matmul_peak_bf16_flops"]
     fwd_bwd, fwd = [], []

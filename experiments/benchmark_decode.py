@@ -3,7 +3,7 @@ of streaming, and the KV cache against recomputing the whole sequence.
 
     python -m experiments.benchmark_decode [--out FILE] [--figure FILE] [--quick]
 
-Shape (the issue's): a 6.9M-param Llama (vocab 8000, d 256, ff 688, 4 layers, 8 heads, 2 kv heads, untied
+Shape: a 6.9M-param Llama (vocab 8000, d 256, ff 688, 4 layers, 8 heads, 2 kv heads, untied
 head), fp32, 32-token prompts + 256 new tokens, batch 1 and 8. Tokens/s = batch x new tokens / wall time
 of the whole call (prefill included), best of 3 rounds in which ours and the baseline alternate, so a
 busy neighbour slows both. No stop tokens on either side: every row generates all its tokens.
@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_OUT = Path("experiments/results/benchmark_decode.json")
 DEFAULT_FIGURE = Path("experiments/figures/decode_kv_cache_speedup.png")
-TARGET_RATIO = 5.0  # the target at batch 1
+TARGET_RATIO = 5.0  # the bar at batch 1
 TOP_P = 0.9
 NUM_BEAMS = 4
 STRATEGIES = ("greedy", "top-p", "beam-4")

@@ -44,7 +44,8 @@ from research.flops import forward_flops_per_token, matmul_chain
 from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_moe.json")
-TARGETS = {"moe_cost_vs_dense_max": 1.6, "forward_vs_hf_min": 1.5}  # from the issue
+# The train-step cost bar. The forward has none: CPU speed work is frozen, the ratio is reported as measured.
+TARGETS = {"moe_cost_vs_dense_max": 1.6}
 CPU_KERNELS = {"matmul_impl": "cpu_panel", "attention_impl": "cpu_fused"}  # the forward's second contender
 TRAIN_CAPACITY_FACTOR = 1.25
 REPEATS = 3  # rounds; each contender's best round is reported
@@ -194,7 +195,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             continue
         ratio = f"{fwd['ratio_vs_hf']:.2f}x HF ({hf['tokens_per_s']:,.0f})" if isinstance(hf, dict) else f"HF {hf}"
         rows.append((f"forward {fwd['name']} {fwd['batch_size']} x {fwd['seq_len']}, {label}",
-                     f"{fwd['tokens_per_s']:,.0f}", ratio, f">= {TARGETS['forward_vs_hf_min']}x HF"))
+                     f"{fwd['tokens_per_s']:,.0f}", ratio, ""))
         mfus.append(f"{label} {fwd['mfu']:.0%}")
     peak = f"matmul peak {results['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; forward MFU " + ", ".join(mfus)
     if isinstance(hf, dict):

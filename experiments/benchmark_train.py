@@ -33,7 +33,7 @@ from research.run_record import write_json_atomic
 
 DEFAULT_OUT = Path("experiments/results/benchmark_train.json")
 PEAK_DTYPE = "float32"  # all benchmarked models compute in fp32
-MFU_TARGET = 0.5  # the target for d_model >= 512 on CPU
+MFU_TARGET = 0.5  # the MFU bar for d_model >= 512 on CPU
 REPEATS = 4  # timed rounds of the train loop (each with a peak measurement); the best is reported
 FORWARD_REPEATS = 7  # rounds of (ours, HF); forward passes are short
 

@@ -39,7 +39,7 @@ FINAL_FRACTION = 0.1  # the last 10% of steps make the "final" statistics
 # Per-run statistics that the summary aggregates over seeds, in table order.
 METRICS = ("val_loss", "val_ppl", "importance_cv", "load_cv", "max_share", "max_share_x_uniform", "max_load",
            "max_violation", "dropped_fraction", "router_entropy", "router_logsumexp")
-BALANCED_MAX_LOAD = 2.0  # the issue's bar for a remedy (max/mean load)
+BALANCED_MAX_LOAD = 2.0  # the study's bar for a remedy (max/mean load)
 COLLAPSED_SHARE = 2.5  # ... and for collapse (busiest expert's share over the uniform share)
 
 
@@ -89,7 +89,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def check_acceptance(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's bars on the headline grid: collapse without balancing, balance with each remedy."""
+    """The study's bars on the headline grid: collapse without balancing, balance with each remedy."""
     headline = summary.get("headline", {})
     result: dict[str, Any] = {}
     if NONE in headline:

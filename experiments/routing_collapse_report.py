@@ -46,7 +46,7 @@ def findings(record: dict[str, Any]) -> list[str]:
         lines.append(
             f"**Without balancing the router collapses onto a few experts**: at the end of training the busiest "
             f"expert takes {100 * share:.0f}% of the tokens, {ratio:.1f}x the uniform {100 * uniform:.1f}% "
-            f"(mean of {len(none['seeds'])} seed(s) and every MoE layer; the issue's bar is > 2.5x: "
+            f"(mean of {len(none['seeds'])} seed(s) and every MoE layer; the study's bar is > 2.5x: "
             f"{'met' if verdict['met'] else 'NOT met'}). CV(load) is {_mean(none, 'load_cv'):.2f} and max/mean load "
             f"per step {_mean(none, 'max_load'):.2f}.")
     for condition, stats in headline.items():

@@ -76,14 +76,19 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, j
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                  kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
-    """`jax.nn.dot_product_attention` as XLA computes it. Shapes as in `masked_attention`."""
+                  kv_lengths: jax.Array | None, sliding_window: int, arange: bool,
+                  implementation: str = "xla") -> jax.Array:
+    """`jax.nn.dot_product_attention` (XLA, or cuDNN for `cudnn_attention`). Shapes as in `masked_attention`.
+
+    With positions 0..T-1 and no cache its index-causal mask (with its left window) is the position mask
+    and nothing is materialised; otherwise (a cache, given positions) the mask is passed explicitly.
+    """
     if arange:
         window = (sliding_window - 1, 0) if sliding_window else None
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                            implementation="xla")
+                                            implementation=implementation)
     mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
@@ -120,21 +125,11 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
                     kv_lengths: jax.Array | None, sliding_window: int, arange: bool) -> jax.Array:
-    """cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only. Shapes as in `masked_attention`.
-
-    With positions 0..T-1 and no cache, cuDNN's index-causal mask (with its left window) is the position
-    mask and nothing is materialised; otherwise (a cache: cuDNN's top-left aligned causal mask does not
-    fit) the mask is passed explicitly.
-    """
+    """cuDNN flash attention through `jax.nn.dot_product_attention`; GPU only. Shapes as in `masked_attention`."""
     if jax.default_backend() != "gpu":
         raise RuntimeError(f"attention_impl='cudnn' needs a CUDA GPU, but the default backend is "
                            f"{jax.default_backend()!r}; use 'xla', 'blocked' or 'pallas'")
-    if arange:
-        window = (sliding_window - 1, 0) if sliding_window else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                            implementation="cudnn")
-    mask = attention_mask(q_positions, kv_positions, kv_lengths, sliding_window)[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return xla_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window, arange, "cudnn")
 
 
 ATTENTION_FNS: dict[str, AttentionFn] = {"xla": xla_attention, "blocked": blocked_attention,

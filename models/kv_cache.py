@@ -9,9 +9,11 @@ The rows of a group (the `group` adjacent beams of one prompt) may share slots (
 search): `owners[b, j]` names the row of b's group whose slot j holds position j of row b's sequence, so
 moving a sequence to another row of its group (`reorder`) moves [B, S] indices instead of every cached
 key and value. Attention reads a row's sequence through `sequence()`: a select among the group's rows,
-which XLA fuses into one elementwise pass (a gather by row index was a slow XLA:CPU gather of small
-slices: 23% of a 32-row beam step). Writes always go to the row's own slots: positions [length, ...) of a
-row are referenced by no other row, as all rows that share slots have the same length.
+which XLA fuses into one elementwise pass. It costs what reading the cache in place would (32-row beam
+step, interleaved on an idle 2-core CPU: 5.64 ms; reading without any reorder 5.72 ms; the gather by row
+index it replaced, an XLA:CPU gather of small slices, 5.97 ms). Writes always go to the row's own
+slots: positions [length, ...) of a row are referenced by no other row, as all rows that share slots
+have the same length.
 """
 
 from __future__ import annotations

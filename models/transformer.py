@@ -130,7 +130,8 @@ _PRODUCTS = {"wq": (1, False), "wk": (1, False), "wv": (1, False), "wo": (2, Fal
 def prepare_params(params: Any, cfg: ModelConfig, rows: int) -> Any:
     """params for a loop of steps over `rows` rows each (a decode loop), made once before it: the weights
     `linear` multiplies cast to the compute dtype, and each prepared by `models.linear.prepare_weight`
-    (packed for the CPU panel kernel where that is faster). The result goes into `apply` like params.
+    (in the layout of a faster product for few rows, where the backend has one). The result goes into
+    `apply` like params.
 
     Expert weights (inside "moe") are cast only: the experts' products are batched, not `linear`'s.
     """

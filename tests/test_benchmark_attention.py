@@ -23,7 +23,7 @@ def test_without_gpu_writes_a_results_file_saying_so(tmp_path: Path, capsys: pyt
     assert results["devices"]["backend"] == jax.default_backend() and results["versions"]["jax"]
 
 
-def test_planned_grid_covers_the_issue() -> None:
+def test_planned_grid_covers_the_targets() -> None:
     assert min(bench.SEQ_LENS) == 1024 and max(bench.SEQ_LENS) == 16384
     assert set(bench.HEAD_DIMS) == {64, 128}
     assert bench.spec_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12

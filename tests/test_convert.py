@@ -112,7 +112,7 @@ def test_logits_match_transformers(family):
     name, model, _, _, cfg, params = family
     ours = np.asarray(jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x)[0])(params, TOKENS))
     expected = hf_logits(model, TOKENS)
-    # Shown with -s: the number the issue asks to report per family.
+    # Shown with -s: the number to report per family.
     print(f"\n{name}: max |logit difference| {np.abs(ours - expected).max():.2e} "
           f"(logits up to {np.abs(expected).max():.1f})")
     assert np.abs(expected).max() > 1.0  # large enough that a wrong mapping could not hide under ATOL
