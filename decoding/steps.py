@@ -68,7 +68,8 @@ def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: ja
     """
     batch, width = prompt.shape
     cache = init_cache(cfg, batch, width + max_new_tokens)
-    logits, cache, _ = Transformer(cfg).apply({"params": params}, prompt, cache=cache)
+    valid = jnp.arange(width)[None, :] < prompt_lengths[:, None]  # padding takes no MoE capacity
+    logits, cache, _ = Transformer(cfg).apply({"params": params}, prompt, cache=cache, valid=valid)
     cache = with_lengths(cache, prompt_lengths)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     if repeats > 1:

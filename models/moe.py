@@ -12,6 +12,10 @@ experiments/benchmark_moe.py), in one of two layouts:
             where `linear.ragged_linear` multiplies only each run's rows, the runs as they are).
             Nothing is dropped.
 
+Capacity is per sequence, from its real tokens (padding, marked by `valid`, takes none). So at decode
+time a capacity factor means little: a one-token step never drops (C >= 1 for its one token), while a
+full forward over the same sequence may, and cached and full-recompute logits can differ by design.
+
 The router runs in fp32. The layer returns `(y, aux)`: aux["losses"] (already weighted),
 aux["stats"] (routing statistics) and, in training with the auxiliary-loss-free bias,
 aux["router_bias"], the bias for the next step.
@@ -26,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.config import ModelConfig
 from models.linear import expert_linear, linear, multiplies_ragged, ragged_linear
@@ -63,18 +68,22 @@ def expert_ffn(h: jax.Array, w: Weights, kind: str, impl: str = "xla") -> jax.Ar
     return feed_forward(h, w, kind, functools.partial(expert_linear, impl=impl)).reshape(shape)
 
 
-def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int) -> jax.Array:
+def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int,
+                   valid: jax.Array | None = None) -> jax.Array:
     """Each assignment's place in its expert's queue within its sequence: [B, T, K] int32.
 
     experts: [B, T, K]. Queues fill choice by choice, every token's first choice before any second
     choice (GShard), and within a choice in `order`: [B, T] token indices, highest priority first
-    (None: sequence order).
+    (None: sequence order). valid: [B, T] bool; padding joins no queue (its places are meaningless).
     """
     b, t, k = experts.shape
     if order is not None:
         experts = jnp.take_along_axis(experts, order[..., None], axis=1)
+        valid = None if valid is None else jnp.take_along_axis(valid, order, axis=1)
     queue = jnp.swapaxes(experts, 1, 2).reshape(b, k * t)  # fill order
     onehot = jax.nn.one_hot(queue, num_experts, dtype=jnp.int32)  # [B, K*T, E]
+    if valid is not None:
+        onehot = onehot * jnp.tile(valid, (1, k))[..., None]
     pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
     pos = jnp.swapaxes(pos.reshape(b, k, t), 1, 2)
     if order is not None:
@@ -83,16 +92,21 @@ def slot_positions(experts: jax.Array, order: jax.Array | None, num_experts: int
 
 
 def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, order: jax.Array | None,
-                      capacity: int, w: Weights, kind: str, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+                      capacity: int, w: Weights, kind: str, impl: str = "xla", valid: jax.Array | None = None,
+                      row_capacity: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x: [B, T, D]; experts, gates: [B, T, K] -> (y [B, T, D], kept [B, T, K] bool).
 
-    Assignments past an expert's capacity are dropped. w: the stacked expert weights.
+    Assignments past an expert's capacity are dropped. w: the stacked expert weights. valid: [B, T] bool,
+    False at padding, which is never kept; row_capacity: [B] each row's capacity (<= capacity, the
+    buffer's), from its real token count.
     """
     b, t, d = x.shape
     num_experts = w["w_up"].shape[0]
     rows = num_experts * b * capacity
-    pos = slot_positions(experts, order, num_experts)
-    kept = pos < capacity
+    pos = slot_positions(experts, order, num_experts, valid)
+    kept = pos < (capacity if row_capacity is None else row_capacity[:, None, None])
+    if valid is not None:
+        kept &= valid[..., None]
     seq = jnp.arange(b)[:, None, None]
     # Buffer row of each assignment; a dropped one points past the end, at a zero row.
     slot = jnp.where(kept, (experts * b + seq) * capacity + pos, rows)
@@ -147,21 +161,24 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Wei
     return jnp.einsum("nkd,nk->nd", out[row].reshape(n, k, d), gates.astype(out.dtype))
 
 
-def smooth_load(clean: jax.Array, logits: jax.Array, noise_std: jax.Array, top_k: int) -> jax.Array:
+def smooth_load(clean: jax.Array, logits: jax.Array, noise_std: jax.Array, top_k: int,
+                valid: jax.Array | None = None) -> jax.Array:
     """Shazeer et al.'s differentiable load: [E].
 
     Load_i = sum over tokens of P(expert i is in the top k when its noise is resampled)
            = Phi((clean_i - kth_excluding(logits, k, i)) / noise_std_i).
-    clean, logits (= clean + noise), noise_std: [B, T, E].
+    clean, logits (= clean + noise), noise_std: [B, T, E]; valid: [B, T], False at padding (not counted).
     """
     e = logits.shape[-1]
     if top_k == e:  # every expert is always chosen
-        return jnp.full((e,), logits.shape[0] * logits.shape[1], jnp.float32)
+        tokens = logits.shape[0] * logits.shape[1] if valid is None else jnp.sum(valid)
+        return jnp.full((e,), tokens, jnp.float32)
     top = jax.lax.top_k(logits, top_k + 1)[0]
     chosen = logits >= top[..., top_k - 1:top_k]
     # The k-th largest of the others: the (k+1)-th overall for a chosen expert, the k-th otherwise.
     threshold = jnp.where(chosen, top[..., top_k:], top[..., top_k - 1:top_k])
-    return jnp.sum(jax.scipy.stats.norm.cdf((clean - threshold) / noise_std), axis=(0, 1))
+    cdf = jax.scipy.stats.norm.cdf((clean - threshold) / noise_std)
+    return jnp.sum(cdf if valid is None else jnp.where(valid[..., None], cdf, 0.0), axis=(0, 1))
 
 
 def cv(x: jax.Array) -> jax.Array:
@@ -179,8 +196,14 @@ class MoE(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-        """x: [B, T, D] -> (y [B, T, D], aux)."""
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        """x: [B, T, D] -> (y [B, T, D], aux).
+
+        valid: [B, T] bool, False at padding (a right-padded prefill): padding takes no capacity (each
+        row's capacity comes from its real tokens, so a prompt routes the same alone or in a padded batch)
+        and is left out of the losses and statistics. Its outputs are meaningless; causal attention never
+        lets a real token read them.
+        """
         cfg, moe = self.cfg, self.cfg.moe
         e, k, d, f = moe.num_experts, moe.top_k, cfg.d_model, moe.d_ff or cfg.d_ff
         b, t, _ = x.shape
@@ -235,15 +258,28 @@ class MoE(nn.Module):
                                   cfg.mlp, cfg.matmul_impl).reshape(b, t, d)
         else:
             order = None if moe.priority == "order" else jnp.argsort(-top_probs[..., 0], axis=1, stable=True)
+            row_capacity = None
+            if valid is not None:  # C from each row's real token count, read from a table of exact values
+                table = np.array([expert_capacity(n, k, e, factor) for n in range(t + 1)], np.int32)
+                row_capacity = jnp.asarray(table)[jnp.sum(valid, axis=1)]
             y, kept = capacity_dispatch(xc, experts, gates, order, expert_capacity(t, k, e, factor), w, cfg.mlp,
-                                        cfg.matmul_impl)
+                                        cfg.matmul_impl, valid, row_capacity)
 
         # Balancing losses and statistics. Loads count assignments before any are dropped; the dense
         # router's describe its top-k choice.
-        chosen = jax.nn.one_hot(experts, e, dtype=jnp.float32)  # [B, T, K, E]
+        # Over real tokens only: `real` zeroes padding's entries, `token_mean` averages over real tokens.
+        def real(v: jax.Array) -> jax.Array:  # v: [B, T, ...]
+            return v if valid is None else jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v, 0)
+
+        tokens = b * t if valid is None else jnp.maximum(jnp.sum(valid), 1)
+
+        def token_mean(v: jax.Array) -> jax.Array:  # [B, T, ...] -> [...]
+            return jnp.mean(v, axis=(0, 1)) if valid is None else jnp.sum(real(v), axis=(0, 1)) / tokens
+
+        chosen = real(jax.nn.one_hot(experts, e, dtype=jnp.float32))  # [B, T, K, E]
         counts = jnp.sum(chosen, axis=(0, 1, 2))
-        fraction = counts / (b * t * k)  # f_i; sums to 1 for any k, so uniform routing gives alpha
-        mean_prob = jnp.mean(probs, axis=(0, 1))  # P_i
+        fraction = counts / (tokens * k)  # f_i; sums to 1 for any k, so uniform routing gives alpha
+        mean_prob = token_mean(probs)  # P_i
         importance = jnp.sum(chosen * gates[..., None], axis=(0, 1, 2))
         lse = jax.nn.logsumexp(logits, axis=-1)
         losses = {}
@@ -252,10 +288,11 @@ class MoE(nn.Module):
         if moe.importance_loss_weight:
             losses["importance_loss"] = moe.importance_loss_weight * cv(importance) ** 2
         if moe.load_loss_weight:
-            losses["load_loss"] = moe.load_loss_weight * cv(smooth_load(clean, logits, noise_std, k)) ** 2
+            losses["load_loss"] = moe.load_loss_weight * cv(smooth_load(clean, logits, noise_std, k, valid)) ** 2
         if moe.z_loss_weight:
-            losses["z_loss"] = moe.z_loss_weight * jnp.mean(lse ** 2)
+            losses["z_loss"] = moe.z_loss_weight * token_mean(lse ** 2)
         max_load = jnp.max(counts) / jnp.mean(counts)
+        kept_f = kept.astype(jnp.float32)
         stats = {
             "expert_fraction": fraction,
             "router_prob": mean_prob,
@@ -263,9 +300,10 @@ class MoE(nn.Module):
             "importance_cv": cv(importance),
             "max_load": max_load,  # max / mean
             "max_violation": max_load - 1,  # MaxVio = (max - mean) / mean
-            "router_entropy": jnp.mean(jnp.sum(jax.scipy.special.entr(probs), axis=-1)),
-            "dropped_fraction": 1 - jnp.mean(kept.astype(jnp.float32)),  # of token-expert assignments
-            "router_logsumexp": jnp.mean(lse),
+            "router_entropy": token_mean(jnp.sum(jax.scipy.special.entr(probs), axis=-1)),
+            # Of token-expert assignments.
+            "dropped_fraction": 1 - (jnp.mean(kept_f) if valid is None else jnp.sum(real(kept_f)) / (tokens * k)),
+            "router_logsumexp": token_mean(lse),
         }
         aux: dict[str, Any] = {"losses": losses, "stats": stats}
         if moe.bias_update_rate and self.train:

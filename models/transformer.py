@@ -36,8 +36,8 @@ class Block(nn.Module):
     arange_positions: bool = False  # positions are 0..T-1 in every row and there is no cache (see Attention)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None, Aux]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None,
+                 valid: jax.Array | None = None) -> tuple[jax.Array, KVCache | None, Aux]:
         """x: [B, T, D] -> ([B, T, D], cache, aux); pre-norm residual attention then MLP (or MoE)."""
         cfg = self.cfg
         pdtype = jnp.dtype(cfg.param_dtype)
@@ -46,7 +46,7 @@ class Block(nn.Module):
         x = x + h
         h = make_norm(cfg.norm, cfg.norm_eps, pdtype, "mlp_norm")(x)
         if self.moe:
-            h, aux = MoE(cfg, self.train, name="moe")(h)
+            h, aux = MoE(cfg, self.train, name="moe")(h, valid)
         else:
             h, aux = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.init_std, jnp.dtype(cfg.dtype), pdtype,
                          cfg.matmul_impl, name="mlp")(h), {}
@@ -61,7 +61,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: tuple[KVCache, ...] | None = None,
                  input_embeddings: jax.Array | None = None, train: bool = False,
-                 return_hidden: bool = False) -> tuple[jax.Array, Any, Aux]:
+                 return_hidden: bool = False, valid: jax.Array | None = None) -> tuple[jax.Array, Any, Aux]:
         """tokens: [B, T] int -> (logits [B, T, V] fp32, updated caches or None, aux).
 
         input_embeddings: [B, T, D] used instead of looking up `tokens` (gradient probes, soft prompts).
@@ -71,6 +71,8 @@ class Transformer(nn.Module):
 
         positions: [B, T]; default arange(T) without a cache. With a cache, positions are always
         each row's cached length + arange(T), because a position is also its cache slot.
+        valid: [B, T] bool, False at padding (a right-padded prompt's prefill): padding is never routed
+        to an expert, takes no capacity and is left out of the routing statistics. None: all real.
         """
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -96,7 +98,7 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             name = f"block_{i}"
             x, layer_cache, layer_aux = block_cls(cfg, cfg.is_moe_layer(i), train, arange_positions, name=name)(
-                x, positions, None if cache is None else cache[i])
+                x, positions, None if cache is None else cache[i], valid)
             new_cache.append(layer_cache)
             for kind in ("losses", "stats"):
                 aux[kind].update({f"moe/{name}/{key}": v for key, v in layer_aux.get(kind, {}).items()})

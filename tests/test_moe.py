@@ -155,6 +155,42 @@ def test_dropped_tokens_match_reference(priority):
     assert 0.4 < float(aux["stats"]["dropped_fraction"]) < 0.6  # at least half the 96 slots stay empty
 
 
+@pytest.mark.parametrize("priority", ["order", "probability"])
+def test_padding_takes_no_capacity_and_is_left_out_of_the_statistics(priority):
+    """Each row padded with 9 garbage tokens and marked by `valid` gives what the row gives alone: the same
+    outputs at its real tokens (capacity from its 24 real tokens, padding in no queue) and statistics."""
+    cfg = with_moe(LAYER, eval_capacity_factor=0.5, priority=priority, z_loss_weight=1e-3)
+    params = moe_params(cfg)
+    x = inputs((2, 24, cfg.d_model), seed=2)
+    padded = jnp.concatenate([x, 3 * inputs((2, 9, cfg.d_model), seed=3)], axis=1)
+    valid = jnp.arange(33)[None, :] < 24
+    want_y, want_aux = moe_apply(cfg, params, x)
+    got_y, got_aux = jax.jit(lambda p, x, v: MoE(cfg).apply({"params": p}, x, v))(params, padded,
+                                                                                 jnp.broadcast_to(valid, (2, 33)))
+    np.testing.assert_allclose(got_y[:, :24], want_y, rtol=OP_TOL, atol=OP_TOL)
+    np.testing.assert_allclose(got_y[:, :24], reference_moe(cfg, params, x, capacity=6), rtol=OP_TOL, atol=OP_TOL)
+    for kind in ("stats", "losses"):
+        for key, want in want_aux[kind].items():
+            np.testing.assert_allclose(got_aux[kind][key], want, rtol=OP_TOL, atol=OP_TOL, err_msg=key)
+
+
+def test_a_prompt_decodes_the_same_alone_and_in_a_padded_batch():
+    """Capacity-factor MoE (8 experts, top-1, eval capacity 2): a short prompt batched with a long one is
+    right-padded in the prefill; padding must not route, take capacity or change its tokens."""
+    from decoding.generate import generate
+    cfg = dataclasses.replace(TINY, moe=MoEConfig(num_experts=8, top_k=1, eval_capacity_factor=2.0), init_std=0.3)
+    params = model_params(cfg)[1]
+    # A repeated token routes to one expert in the first block: its capacity decides what is dropped
+    # (2 of 5 tokens alone, 3 if the padded width of 12 set it).
+    short, long = [31] * 5, [5, 9, 2, 7, 1, 3, 44, 8, 19, 22, 6, 41]
+    alone = generate(params, cfg, np.array([short], np.int32), np.array([5]), max_new_tokens=8)
+    batch = np.zeros((2, 12), np.int32)
+    batch[0, :5], batch[1] = short, long
+    together = generate(params, cfg, batch, np.array([5, 12]), max_new_tokens=8)
+    np.testing.assert_array_equal(together.tokens[0], alone.tokens[0])
+    np.testing.assert_allclose(together.logprobs[0], alone.logprobs[0], atol=MODEL_TOL)
+
+
 def switch_router(fractions, sharpness):
     """Tokens x = e_i (one-hot) routed by W_g = sharpness * I: token groups go to experts by `fractions`."""
     e = len(fractions)
