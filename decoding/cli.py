@@ -30,6 +30,9 @@ from decoding.processors import RepetitionPenalty
 from decoding.sampling import make_sampler
 
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line and exit status 2, instead of the usage block."""
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="sample: continuations per prompt")
     p.add_argument("--num-beams", type=int, default=4, help="beam: beam width")
     p.add_argument("--num-return", type=int, default=1, help="beam: hypotheses printed, best first")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, or what fits the model's context after the prompt")
     p.add_argument("--min-new-tokens", type=int, default=0, help="no end of text before this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -80,8 +84,20 @@ class TextStream:
             self.printed = text
 
 
+def default_max_new_tokens(prompt_tokens: int, context: int) -> int:
+    """DEFAULT_MAX_NEW_TOKENS, or what the context leaves after the prompt (saying so on stderr)."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(f"--prompt: {prompt_tokens} tokens leave no room for new ones in "
+                         f"model.max_seq_len={context}")
+    if room < DEFAULT_MAX_NEW_TOKENS:
+        print(f"--max-new-tokens defaults to {room}: what fits model.max_seq_len={context} after the "
+              f"{prompt_tokens}-token prompt", file=sys.stderr)
+    return min(room, DEFAULT_MAX_NEW_TOKENS)
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
     if args.repetition_penalty <= 0:
         raise ValueError(f"--repetition-penalty={args.repetition_penalty}: expected > 0 (1 is off)")
@@ -100,8 +116,9 @@ def run(args: argparse.Namespace) -> None:
     # As the model saw text in training: with bos where its tokenizer adds one (Llama's, Mistral's).
     ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     prompt, lengths = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(len(ids), cfg.max_seq_len)
     processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
-    common = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, processors=processors,
+    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=args.min_new_tokens, processors=processors,
                   stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
 
     streamed = beam is None and args.num_samples == 1 and not args.no_stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Iterable
 
 import jax
@@ -28,6 +29,14 @@ def check(ok: bool, field: str, value: Any, allowed: str) -> None:
     """Raises a one-line ConfigError `field=value: allowed` unless `ok`."""
     if not ok:
         raise ConfigError(f"{field}={value!r}: {allowed}")
+
+
+def check_finite(cfg: Any, prefix: str) -> None:
+    """Every float field of the config dataclass `cfg` is a finite number (inf and nan never make sense)."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float):
+            check(math.isfinite(value), prefix + field.name, value, "expected a finite number")
 
 
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -80,6 +89,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         p = "model.moe."
+        check_finite(self, p)
         check(isinstance(self.num_experts, int) and self.num_experts >= 0, p + "num_experts", self.num_experts,
               "expected 0 (dense MLP) or a positive number of experts")
         if self.num_experts:
@@ -133,6 +143,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         p = "model."
+        check_finite(self, p)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
                      "max_seq_len"):
             value = getattr(self, name)

@@ -12,7 +12,7 @@ import json
 import typing
 from typing import Any
 
-from models.config import ConfigError, ModelConfig, check, check_choice
+from models.config import ConfigError, ModelConfig, check, check_choice, check_finite
 
 TOKENIZERS = ("bpe", "sentencepiece-bpe", "sentencepiece-unigram")
 
@@ -29,6 +29,7 @@ class DataConfig:
     cache_dir: str = ".cache"  # trained tokenizers and tokenized corpora
 
     def __post_init__(self) -> None:
+        check_finite(self, "data.")
         check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         check(self.seq_len > 0, "data.seq_len", self.seq_len, "expected a positive integer")
         check(self.batch_size > 0, "data.batch_size", self.batch_size, "expected a positive integer")
@@ -51,6 +52,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
 
     def __post_init__(self) -> None:
+        check_finite(self, "optim.")
         check(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "expected > 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "expected >= 0")
         check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "expected 0 <= value <= 1")

@@ -65,6 +65,10 @@ def test_round_trip_and_hash():
     (["model=3"], "override key 'model' names a section"),
     (["nokey"], "override 'nokey': expected key=value"),
     (["model.position=learned", "data.seq_len=128"], "data.seq_len=128: longer than model.max_seq_len=64"),
+    (["optim.learning_rate=inf"], "optim.learning_rate=inf: expected a finite number"),
+    (["optim.grad_clip=nan"], "optim.grad_clip=nan: expected a finite number"),
+    (["model.rope_theta=inf"], "model.rope_theta=inf: expected a finite number"),
+    (["model.moe.eval_capacity_factor=inf"], "model.moe.eval_capacity_factor=inf: expected a finite number"),
 ])
 def test_bad_overrides_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -56,6 +56,22 @@ def test_bad_arguments_fail_with_one_line(run_dir, capsys, args, message):
     assert status == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_max_new_tokens_defaults_to_what_fits_the_context(run_dir, capsys):
+    """The smoke model's context is 64 tokens: the default 64 new tokens cannot fit after a prompt, so the
+    default shrinks to what does, and says so; a prompt that fills the context is one line."""
+    out, cfg, _, tokenizer = run_dir
+    prompt = "The cat sat"
+    room = cfg.model.max_seq_len - len(tokenizer.encode(prompt))
+    assert main(["--checkpoint", str(out), "--prompt", prompt, "--no-stream"]) == 0
+    err = capsys.readouterr().err
+    assert f"--max-new-tokens defaults to {room}: what fits model.max_seq_len=64" in err
+    long = "The cat sat on the mat. " * 40
+    assert main(["--checkpoint", str(out), "--prompt", long]) == 2
+    err = capsys.readouterr().err
+    assert "leave no room for new ones in model.max_seq_len=64" in err and err.count("\n") == 1
+    assert "The cat sat on the mat" not in err  # the prompt is not printed back
+
+
 def test_missing_run_directory(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), "--prompt", "a"]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path}: no run.json (expected a run directory written by "
