@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from decoding.generate import DecodeOutput, min_new_tokens_processors, special_ids
-from decoding.steps import check_inputs, is_stop, decode_step, prefill, stop_array
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from decoding.sampling import backend_default, total_order_key
+from decoding.steps import check_inputs, decode_step, is_stop, prefill, stop_array
 from models.config import ModelConfig
-from models.transformer import prepare_params
 from models.kv_cache import KVCache, share_slots
+from models.transformer import prepare_params
 
 LENGTH_PENALTIES = ("none", "power", "gnmt")
 EARLY_STOPPING = ("eager", "heuristic", "exact")

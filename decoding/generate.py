@@ -34,14 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.steps import check_inputs, check_prompt, is_stop, decode_step, prefill, stop_array
 from decoding.processors import (LogitsProcessor, MinNewTokens, apply_processors, init_states, take_rows,
                                  update_states)
 from decoding.sampling import SamplerConfig, SamplingParams, choose_tokens, repeat_rows
+from decoding.steps import check_inputs, check_prompt, decode_step, is_stop, prefill, stop_array
 from models.config import ModelConfig
-from models.transformer import prepare_params
 from models.kv_cache import KVCache
-from models.transformer import Transformer
+from models.transformer import Transformer, prepare_params
 
 __all__ = ["DecodeOutput", "DecodeState", "check_prompt", "generate", "greedy_by_recompute"]
 
