@@ -16,10 +16,11 @@ prefix to print early).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,20 +28,16 @@ import numpy as np
 from decoding.beam_search import BeamConfig, beam_search
 from decoding.generate import generate
 from decoding.processors import RepetitionPenalty
-from decoding.sampling import make_sampler
+from decoding.sampling import SamplerConfig, SamplingParams, make_sampler
+from research.cli import ArgumentParser
 
 
 DEFAULT_MAX_NEW_TOKENS = 64
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line and exit status 2, instead of the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+INT32_MAX = 2 ** 31 - 1  # token counts and steps are int32 in the compiled loop
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m decoding.generate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m decoding.generate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run directory written by research.train")
     p.add_argument("--prompt", required=True)
     p.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "beam"))
@@ -96,17 +93,32 @@ def default_max_new_tokens(prompt_tokens: int, context: int) -> int:
     return min(room, DEFAULT_MAX_NEW_TOKENS)
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: expected a positive integer")
-    if args.repetition_penalty <= 0:
-        raise ValueError(f"--repetition-penalty={args.repetition_penalty}: expected > 0 (1 is off)")
-    beam = BeamConfig(num_beams=args.num_beams, num_return=args.num_return) if args.strategy == "beam" else None
+def check_args(args: argparse.Namespace) -> tuple[BeamConfig | None, SamplerConfig, SamplingParams]:
+    """(beam config or None, sampler, sampling values) from the flags, every value checked, whether the
+    strategy uses it or not, so that a bad one fails before the run is loaded or anything compiles."""
+    counts = {"--max-new-tokens": (args.max_new_tokens, 1), "--min-new-tokens": (args.min_new_tokens, 0),
+              "--num-samples": (args.num_samples, 1), "--stream-every": (args.stream_every, 1)}
+    for flag, (value, low) in counts.items():
+        if value is not None and not low <= value <= INT32_MAX:
+            bound = f">= {low}" if value < low else f"<= {INT32_MAX}"
+            raise ValueError(f"{flag}={value}: expected an integer {bound}")
+    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens={args.min_new_tokens}: expected <= --max-new-tokens={args.max_new_tokens}")
+    if not 0 < args.repetition_penalty < math.inf:
+        raise ValueError(f"--repetition-penalty={args.repetition_penalty}: expected a finite value > 0 (1 is off)")
+    if not -2 ** 63 <= args.seed < 2 ** 63:  # what a PRNG key holds
+        raise ValueError(f"--seed={args.seed}: expected a 64-bit integer")
+    beam = BeamConfig(num_beams=args.num_beams, num_return=args.num_return)
     sampler, sampling = make_sampler(1, "greedy" if args.strategy == "beam" else args.strategy,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p)
-    # The run directory belongs to the research harness, which sits above `decoding`; importing it here,
-    # only for the command line, keeps the library's layering one-way.
+    return (beam if args.strategy == "beam" else None), sampler, sampling
+
+
+def run(args: argparse.Namespace) -> None:
+    beam, sampler, sampling = check_args(args)
+    # Imported once the flags are known to be good: loading a run brings in orbax and the rest of the
+    # research harness, which --help and a mistyped flag do not need.
     from research.runs import load_run
 
     cfg, params, tokenizer = load_run(Path(args.checkpoint), args.step)
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except ValueError as err:  # ConfigError is a ValueError
+    except (ValueError, OSError) as err:  # ConfigError and RunError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -62,7 +62,10 @@ class SamplingParams:
 
 
 def _per_row(name: str, value: float | Sequence[float], batch: int, dtype: type) -> np.ndarray:
-    array = np.asarray(value, dtype)
+    try:
+        array = np.asarray(value, dtype)
+    except OverflowError:
+        raise ValueError(f"{name}={value!r}: out of range for {np.dtype(dtype).name}") from None
     if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != batch):
         raise ValueError(f"{name}: expected a scalar or {batch} values (one per prompt), got shape {array.shape}")
     return np.broadcast_to(array, (batch,))
@@ -86,7 +89,7 @@ def make_sampler(batch: int, strategy: str = "sample", *, temperature: float | S
     k = _per_row("top_k", top_k, batch, np.int64)
     p = _per_row("top_p", top_p, batch, np.float32)
     m = _per_row("min_p", min_p, batch, np.float32)
-    _check_range("temperature", t, t >= 0, ">= 0 (0 is greedy)")
+    _check_range("temperature", t, np.isfinite(t) & (t >= 0), ">= 0 and finite (0 is greedy)")
     _check_range("top_k", k, k >= 0, ">= 0 (0 is off)")
     _check_range("top_p", p, (p > 0) & (p <= 1), "0 < top_p <= 1 (1 is off)")
     _check_range("min_p", m, (m >= 0) & (m <= 1), "0 <= min_p <= 1 (0 is off)")

@@ -17,7 +17,6 @@ Without a GPU it says so, writes a results file recording that, and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from models.attention import masked_attention
 from models.kernels.decode_attention import DecodeBlockSizes, decode_attention
 from models.kernels.flash_attention import BlockSizes, flash_attention
+from research.cli import ArgumentParser
 from research.flops import measure_matmul_peak
 from research.run_record import device_info, git_commit, library_versions, write_json_atomic
 
@@ -201,7 +201,7 @@ def targets(results: dict[str, Any]) -> dict[str, bool | None]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and tile choices")
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ one round and no baseline, to check the script end to end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ from experiments.bench_common import environment
 from models.config import ModelConfig
 from models.kernels import cpu
 from models.transformer import init_params, unbox
+from research.cli import ArgumentParser
 from research.hf_checkpoint import save_weights
 from research.hf_config import hf_config_from_model
 from research.run_record import write_json_atomic
@@ -273,7 +273,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
     parser.add_argument("--figure", type=Path, default=None,
                         help=f"KV cache figure (default {DEFAULT_FIGURE}; with --quick, next to --out)")

@@ -21,7 +21,6 @@ REPEATS rounds), so a neighbour's load falls on all of them alike:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -39,6 +38,7 @@ from models.kernels import cpu
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import unbox
+from research.cli import ArgumentParser
 from research.config import TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain
 from research.run_record import write_json_atomic
@@ -206,7 +206,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke-sized shapes, 2 timed steps, no HF")
     args = parser.parse_args(argv)

@@ -15,7 +15,6 @@ recorded as "not installed". `--quick` runs smoke-sized shapes with 2 timed step
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from configs.presets import bench_512, smoke
 from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
                                       interleaved_best, random_tokens, resolved_config, train_runner)
 from models.config import ModelConfig
+from research.cli import ArgumentParser
 from research.config import DataConfig, TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
 from research.run_record import write_json_atomic
@@ -110,7 +110,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke-sized shapes, 2 timed steps, no HF")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from configs.routing_collapse import HEADLINE, NONE, get_sweep
 from experiments import routing_collapse_plots as plots
 from experiments.routing_collapse_report import write_report
 from models.config import ConfigError
+from research.cli import ArgumentParser
 from research.data import DataError
 from research.run_record import library_versions, write_json_atomic
 from research.sweep import load_runs, run_sweep
@@ -163,7 +164,7 @@ def make_figures(runs: Sequence[dict[str, Any]], out: Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="experiments.routing_collapse", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="experiments.routing_collapse", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="quick", help="smoke | quick | full (configs/routing_collapse.py)")
     parser.add_argument("--out", default=None, help="output folder (default runs/routing_collapse_<preset>)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")

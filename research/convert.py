@@ -33,12 +33,13 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator
 
 from jax.sharding import Mesh
 
 from models.config import ModelConfig
 from research.checkpoint import Checkpointer
+from research.cli import ArgumentParser
 from research.config import TrainConfig, to_dict
 from research.hf_checkpoint import load_params, read_hf_config, save_weights
 from research.hf_config import ConversionError, export_family, family_of, hf_config_from_model, model_config_from_hf
@@ -172,14 +173,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line and exit status 2, instead of the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m research.convert", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m research.convert", description=__doc__.split("\n")[0])
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", type=Path, metavar="HF_DIR", help="Hugging Face model folder to import")
     way.add_argument("--to-hf", type=Path, metavar="RUN_DIR", help="run directory to export")

@@ -36,11 +36,32 @@ class DataError(ValueError):
     """Training data that cannot be used: one line naming the file, or what the corpus lacks."""
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: pathlib.Path, source: str) -> str:
+    """The UTF-8 text of `path`: `source` itself, or a file in that folder (then named after it)."""
+    where = f"data.source={source!r}: " + ("" if path == pathlib.Path(source) else f"{path}: ")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{where}not UTF-8 text (invalid byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start})") from None
+    except OSError as err:  # unreadable: permissions, an I/O error, a file removed meanwhile
+        raise DataError(f"{where}{err.strerror or err}") from None
+
+
+def _read_source(source: str) -> str:
+    """The text of the file `source`, or of the text files in the folder `source` (see load_text)."""
+    path = pathlib.Path(source)
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError as err:  # a path the OS will not look up: a name too long, a folder it may not enter
+        raise DataError(f"data.source={source!r}: {err.strerror or err}") from None
+    if source and is_file:  # "" would mean the working directory
+        return _read_text(path, source)
+    if source and is_dir:
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES]
+        files.sort(key=lambda p: p.relative_to(path).as_posix())
+        return "\n\n".join(_read_text(p, source) for p in files)
+    raise ConfigError(f"data.source={source!r}: not 'embedded', an existing file or a directory of text files")
 
 
 def load_text(source: str, cache_dir: str | os.PathLike) -> str:
@@ -49,18 +70,10 @@ def load_text(source: str, cache_dir: str | os.PathLike) -> str:
     A directory's files with a suffix in TEXT_SUFFIXES are read recursively in order of relative
     path (stable across file systems) and joined with blank lines, so each file starts a document.
     """
-    path = pathlib.Path(source)
     if source == "embedded":
         text = corpus.embedded_corpus_path(cache_dir).read_text(encoding="utf-8")
-    elif source and path.is_file():  # "" would mean the working directory
-        text = _read_text(path)
-    elif source and path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES]
-        files.sort(key=lambda p: p.relative_to(path).as_posix())
-        text = "\n\n".join(_read_text(p) for p in files)
     else:
-        raise ConfigError(f"data.source={source!r}: not 'embedded', an existing file or a "
-                         "directory of text files")
+        text = _read_source(source)
     if not text.strip():
         raise DataError(f"data.source={source!r}: no text found (allowed suffixes: "
                         f"{' '.join(TEXT_SUFFIXES)})")

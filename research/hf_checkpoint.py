@@ -99,11 +99,30 @@ def to_hf(ours: np.ndarray, rule: WeightRule) -> np.ndarray:
     return ours.reshape(rule.hf_shape[::-1]).T if rule.transpose else ours.reshape(rule.hf_shape)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; a file that is not one is a ConversionError naming it."""
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as err:  # not JSON, or not text at all
+        raise ConversionError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: expected a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def read_hf_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    return json.loads(path.read_text())
+    return read_json_object(path)
+
+
+def read_weight_map(folder: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name."""
+    files = read_json_object(folder / INDEX_FILE).get("weight_map")
+    if not (isinstance(files, dict) and files and all(isinstance(f, str) for f in files.values())):
+        raise ConversionError(f"{folder / INDEX_FILE}: expected a \"weight_map\" object of tensor name -> file name")
+    return files
 
 
 class HFWeights:
@@ -112,7 +131,7 @@ class HFWeights:
     def __init__(self, folder: Path):
         folder = Path(folder)
         if (folder / INDEX_FILE).is_file():
-            files = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+            files = read_weight_map(folder)
         elif (folder / SINGLE_FILE).is_file():
             files = None
         else:

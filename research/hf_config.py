@@ -20,6 +20,7 @@ FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2
 ARCHITECTURES = {family: arch for arch, family in FAMILIES.items()}
 DEFAULT_ROPE_THETA = {"llama": 10_000.0, "mistral": 10_000.0, "qwen2": 10_000.0, "mixtral": 1_000_000.0}
 SILU = ("silu", "swish")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Keys this module writes, or older spellings of them, that must not leak through from a source config.
 _OWNED = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
@@ -51,6 +52,17 @@ def family_of(hf: dict[str, Any]) -> str:
     found = archs[0] if archs else hf.get("model_type")
     raise UnsupportedError(f"config.json architecture {found!r} is not supported; supported: "
                            + ", ".join(FAMILIES))
+
+
+def check_sizes(hf: dict[str, Any], family: str) -> None:
+    """The sizes config.json must give (there is no default for them) are there, each a positive integer."""
+    required = SIZES + (("num_local_experts",) if family == "mixtral" else ())
+    missing = [key for key in required if hf.get(key) is None]
+    if missing:
+        raise ConversionError(f"config.json: missing {', '.join(missing)} (required for {family})")
+    for key in required:
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+            raise ConversionError(f"config.json {key}={hf[key]!r}: expected a positive integer")
 
 
 def rope_from_hf(hf: dict[str, Any], family: str) -> tuple[float, str, float]:
@@ -92,6 +104,7 @@ def model_config_from_hf(hf: dict[str, Any], dtype: str = "auto") -> ModelConfig
     """Our ModelConfig for a config.json. dtype: float32, bfloat16, or auto (bfloat16 when the checkpoint
     is stored in it, else float32: float16 is widened, as our models have no float16 path)."""
     family = family_of(hf)
+    check_sizes(hf, family)
     if hf.get("hidden_act", "silu") not in SILU:
         raise unsupported("hidden_act", hf.get("hidden_act"), "supported: silu (SwiGLU)")
     for field in ("attention_bias", "mlp_bias"):

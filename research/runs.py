@@ -10,7 +10,8 @@ checkpoints/0 with the params only, tokenizer/ with the Hugging Face files when 
 Only the params are read from a checkpoint. The decoding command line, the converter's export and the
 studies all load runs through `load_run`.
 
-Errors are one-line `RunError`s (a ValueError) naming the directory or the step.
+Errors are one-line `RunError`s (a ValueError) naming the directory or the step; a checkpoint whose files do
+not match its manifest (research/checkpoint.py) is one, naming the file and the steps that do verify.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 from models.config import ModelConfig
 from models.sharding import logical_shardings
 from models.transformer import init_params, unbox
-from research.checkpoint import Checkpointer
+from research.checkpoint import Checkpointer, CheckpointError
 from research.config import MeshConfig, TrainConfig, from_dict
 from research.mesh import make_mesh
 from research.tokenizer import Tokenizer, load_tokenizer
@@ -105,6 +106,9 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *,
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR)
     try:
         params = ckpt.restore_params(step, abstract_params(cfg, mesh))
+    except CheckpointError as err:
+        good = [s for s in steps if s != step and ckpt.verify(s) is None]
+        raise RunError(f"{err}" + (f" (steps that verify: {good})" if good else "")) from None
     finally:
         ckpt.close()
     tokenizer_dir = run_dir / TOKENIZER_DIR

@@ -11,6 +11,8 @@ first, then each tensor is fetched and written, so at most one tensor is in host
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,18 +39,45 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise SafetensorsError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
             (size,) = struct.unpack("<Q", head)
+            if 8 + size > file_size:  # checked before reading: a garbage length would allocate that much
+                raise SafetensorsError(f"{self.path}: not a safetensors file (header length {size} is past the "
+                                       f"end of the file, which has {file_size} bytes)")
             try:
                 header = json.loads(f.read(size))
-            except (ValueError, UnicodeDecodeError):
+            except ValueError:  # UnicodeDecodeError included
                 raise SafetensorsError(f"{self.path}: not a safetensors file (unreadable JSON header)") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: not a safetensors file (the header is not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
         self._start = 8 + size
+        self._check_entries(file_size)
         self._data = np.memmap(self.path, np.uint8, mode="r") if header else None
+
+    def _check_entries(self, file_size: int) -> None:
+        """Each tensor's entry is well formed and its bytes lie inside the file, so a damaged or truncated
+        file fails here naming the tensor, not later as a reshape of too few bytes."""
+        for name, entry in self._entries.items():
+            if not _well_formed(entry):
+                raise SafetensorsError(f"{self.path}: not a safetensors file (the header entry of tensor {name!r} "
+                                       "lacks a dtype, a shape or data_offsets [begin, end])")
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] in DTYPES:
+                needed = math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
+                if end - begin != needed:
+                    raise SafetensorsError(f"{self.path}: tensor {name!r} is {entry['dtype']}{entry['shape']}, "
+                                           f"{needed} bytes, but its data_offsets [{begin}, {end}) hold {end - begin}")
+        cut = [(entry["data_offsets"], name) for name, entry in self._entries.items()
+               if self._start + entry["data_offsets"][1] > file_size]
+        if cut:
+            (begin, end), name = min(cut)  # the first tensor the file's end cuts into
+            raise SafetensorsError(f"{self.path}: truncated: tensor {name!r} needs bytes [{self._start + begin}, "
+                                   f"{self._start + end}) but the file has {file_size}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -69,6 +98,18 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         raw = self._data[self._start + begin:self._start + end]
         return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _well_formed(entry: object) -> bool:
+    """{"dtype": str, "shape": [n >= 0, ...], "data_offsets": [begin, end]} with 0 <= begin <= end."""
+    def count(n: object) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (isinstance(shape, list) and all(map(count, shape)) and isinstance(offsets, list) and len(offsets) == 2
+            and all(map(count, offsets)) and offsets[0] <= offsets[1])
 
 
 def write_safetensors(path: str | Path, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]],

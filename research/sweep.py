@@ -18,13 +18,16 @@ invocation tries it again.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
+import signal
 import sys
 import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,25 +122,111 @@ def train_cell(config: dict[str, Any], directory: str) -> dict[str, Any]:
     return summary
 
 
-def prepare_data(cells: Sequence[Cell]) -> None:
-    """Builds each distinct tokenizer and token cache once, before workers could race to write them."""
+Failure = tuple[str, str]  # (one line: "ErrorType: message", the traceback)
+
+
+def failure(error: BaseException) -> Failure:
+    return (f"{type(error).__name__}: {error}".splitlines()[0], "".join(traceback.format_exception(error)))
+
+
+def prepare_data(cells: Sequence[Cell]) -> dict[str, Failure]:
+    """Builds each distinct tokenizer and token cache once, before workers could race to write them;
+    returns the cells whose data could not be prepared (by key), so that only those fail."""
     from research.input_pipeline import build_datasets
 
-    done = set()
+    results: dict[Any, Failure | None] = {}
+    failed = {}
     for cell in cells:
         key = (cell.config.data, cell.config.model.vocab_size, cell.config.seed)
-        if key not in done:
-            done.add(key)
-            build_datasets(*key)
+        if key not in results:
+            try:
+                build_datasets(*key)
+                results[key] = None
+            except Exception as error:  # noqa: BLE001 -- this cell's failure, not the sweep's
+                results[key] = failure(error)
+        if results[key] is not None:
+            failed[cell.key] = results[key]
+    return failed
+
+
+def _serve(train_fn: Callable[[dict[str, Any], str], Any], conn: Connection) -> None:
+    """A worker process: trains the cells it is sent, one at a time, answering None or a Failure."""
+    while (task := conn.recv()) is not None:
+        try:
+            train_fn(*task)
+            conn.send(None)
+        except Exception as error:  # noqa: BLE001 -- reported to the parent as this cell's failure
+            conn.send(failure(error))
+
+
+class _Worker:
+    """One spawned process (JAX does not survive fork) and the cell it is training."""
+
+    def __init__(self, context: Any, train_fn: Callable[[dict[str, Any], str], Any]):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(train_fn, child), daemon=True)
+        self.process.start()
+        child.close()
+        self.cell: Cell | None = None
+
+    def died(self) -> Failure:
+        self.process.join()
+        code = self.process.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return (f"WorkerDied: the worker process training this cell died ({how}; out of memory?)", "")
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+def run_parallel(cells: Sequence[Cell], out: Path, jobs: int, train_fn: Callable[[dict[str, Any], str], Any],
+                 finish: Callable[[Cell, Failure | None], None]) -> None:
+    """Trains `cells` in `jobs` worker processes. A worker that dies (os._exit, the OOM killer) fails only
+    the cell it held; a fresh worker takes its place and the other cells go on."""
+    context = multiprocessing.get_context("spawn")
+    waiting, workers = list(cells), []
+    try:
+        while waiting or any(w.cell for w in workers):
+            while waiting and (len(workers) < jobs or any(w.cell is None for w in workers)):
+                worker = next((w for w in workers if w.cell is None), None)
+                if worker is None:
+                    worker = _Worker(context, train_fn)
+                    workers.append(worker)
+                cell = waiting.pop(0)
+                try:
+                    worker.conn.send((to_dict(cell.config), str(run_dir(out, cell))))
+                    worker.cell = cell
+                except OSError:  # it died while idle: not this cell's fault, so the cell waits for another
+                    worker.process.join()
+                    workers.remove(worker)
+                    waiting.insert(0, cell)
+            busy = {w.conn: w for w in workers if w.cell is not None}
+            for conn in multiprocessing.connection.wait(list(busy)):
+                worker = busy[conn]
+                try:
+                    result = conn.recv()
+                except (EOFError, OSError):
+                    result = worker.died()
+                    workers.remove(worker)
+                cell, worker.cell = worker.cell, None
+                finish(cell, result)
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def run_sweep(sweep: Sweep, out: str | Path, jobs: int = 1, extra_overrides: Sequence[str] = (),
               progress: bool = True, train_fn: Callable[[dict[str, Any], str], Any] = train_cell,
-              prepare: Callable[[Sequence[Cell]], None] | None = prepare_data) -> list[dict[str, Any]]:
+              prepare: Callable[[Sequence[Cell]], dict[str, Failure]] | None = prepare_data) -> list[dict[str, Any]]:
     """Runs every unfinished cell of `sweep` into `out`; returns (and writes to sweep.json) their status.
 
-    jobs > 1 trains cells in that many worker processes (spawned: JAX does not survive fork), after
-    `prepare` has built what they would otherwise race to write (tokenizers, token caches).
+    jobs > 1 trains cells in that many worker processes (`run_parallel`), after `prepare` has built what
+    they would otherwise race to write (tokenizers, token caches). Any cell may fail (bad data, divergence,
+    a dead worker) without stopping the others; sweep.json and the run's failed.json say why.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs={jobs}: expected a positive number of parallel runs")
@@ -156,21 +245,18 @@ def run_sweep(sweep: Sweep, out: str | Path, jobs: int = 1, extra_overrides: Seq
 
     todo = list({c.key: c for c in cells if status[c.key] == "pending"}.values())  # a config shared by grids runs once
     record()
-    if todo and jobs > 1 and prepare is not None:
-        prepare(todo)
     unique = len(status)
     bar = tqdm(total=unique, initial=unique - len(todo), desc=sweep.name, unit="run",
                disable=not progress or None, file=sys.stderr)
 
-    def finish(cell: Cell, error: BaseException | None) -> None:
-        if error is None:
+    def finish(cell: Cell, failed: Failure | None) -> None:
+        if failed is None:
             status[cell.key] = "done"
         else:
             status[cell.key] = "failed"
-            errors[cell.key] = f"{type(error).__name__}: {error}".splitlines()[0]
-            write_json_atomic(run_dir(out, cell) / "failed.json",
-                              {"error": errors[cell.key], "traceback": "".join(traceback.format_exception(error))})
-            bar.write(f"run {cell.key} ({cell.condition}, seed {cell.seed}) failed: {errors[cell.key]}")
+            errors[cell.key] = failed[0]
+            write_json_atomic(run_dir(out, cell) / "failed.json", {"error": failed[0], "traceback": failed[1]})
+            bar.write(f"run {cell.key} ({cell.condition}, seed {cell.seed}) failed: {failed[0]}")
         bar.update(1)
         bar.set_postfix(failed=sum(s == "failed" for s in status.values()))
         record()
@@ -182,13 +268,13 @@ def run_sweep(sweep: Sweep, out: str | Path, jobs: int = 1, extra_overrides: Seq
                     train_fn(to_dict(cell.config), str(run_dir(out, cell)))
                     finish(cell, None)
                 except Exception as error:  # noqa: BLE001 -- one failed run must not stop the sweep
-                    finish(cell, error)
+                    finish(cell, failure(error))
         else:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                futures = {pool.submit(train_fn, to_dict(c.config), str(run_dir(out, c))): c for c in todo}
-                for future in concurrent.futures.as_completed(futures):
-                    finish(futures[future], future.exception())
+            unprepared = prepare(todo) if todo and prepare is not None else {}
+            for cell in todo:
+                if cell.key in unprepared:
+                    finish(cell, unprepared[cell.key])
+            run_parallel([c for c in todo if c.key not in unprepared], out, jobs, train_fn, finish)
     finally:
         bar.close()
     return record()

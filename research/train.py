@@ -9,7 +9,10 @@ record per step, plus eval records), checkpoints/ (orbax), tokenizer/, and summa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +24,8 @@ from tqdm import tqdm
 
 from decoding.generate import check_prompt, generate
 from models.config import ConfigError
-from research.checkpoint import Checkpointer
+from research.checkpoint import Checkpointer, CheckpointError, one_line
+from research.cli import ArgumentParser
 from research.config import TrainConfig, apply_overrides, to_dict
 from research.data import DataError
 from research.flops import measure_matmul_peak, train_flops_per_token
@@ -32,8 +36,54 @@ from research.run_record import run_record, write_json_atomic
 from research.train_step import Steps, TrainState, build_steps
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+class DivergedError(RuntimeError):
+    """A training quantity (the loss, the gradient norm, a parameter) became NaN or inf; the last good
+    checkpoint is kept."""
+
+
+# The quantities a divergence names, most telling first; any other metric (e.g. an MoE statistic) follows.
+QUANTITIES = {"loss": "loss", "total_loss": "loss with auxiliary losses", "grad_norm": "gradient norm",
+              "param_norm": "parameter norm"}
+
+
+def divergence(step: int, metrics: dict[str, Any], state: TrainState) -> str:
+    """What went non-finite at `step`, in one line; for the parameters, which ones."""
+    bad = [k for k in [*QUANTITIES, *sorted(metrics)] if k in metrics and not np.isfinite(metrics[k]).all()]
+    name = bad[0]
+    what = f"non-finite {QUANTITIES.get(name, name)} ({np.asarray(metrics[name]).ravel()[0]}) at step {step}"
+    if name != "loss":
+        what += f" (loss {float(metrics['loss']):.4g})"
+    if name == "param_norm":  # which arrays, as of the newest state (a later step: NaNs spread as it trains)
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+        names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, leaf in leaves
+                 if not np.isfinite(leaf).all()]
+        what += (f"; at step {int(state.step)}, {len(names)} of {len(leaves)} parameter arrays are non-finite: "
+                 + ", ".join(names[:3]) + (" ..." if len(names) > 3 else ""))
+    return what
+
+
+def state_bytes(abstract_state: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+def check_out_dir(out: Path, need_bytes: int) -> None:
+    """Creates --out and checks it can hold a checkpoint: a write probe (read-only file systems, a file in
+    the way) and the free space, before any training; a ConfigError naming the path otherwise."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        try:
+            with probe.open("wb") as f:
+                f.write(bytes(4096))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: not writable ({one_line(err)})") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise ConfigError(f"--out {out}: {free / 1e6:.1f} MB free, a checkpoint needs about {need_bytes / 1e6:.1f} MB")
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -84,10 +134,9 @@ def sample_text(cfg: TrainConfig, params: Any, tokenizer) -> str:
     return cfg.sample_prompt + tokenizer.decode(np.asarray(out.tokens[0, 0, :int(out.lengths[0, 0])]).tolist())
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the summary that is also written to summary.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _setup(cfg: TrainConfig, out: Path, resume: bool):
+    """The checks that may refuse a run (config, data, --out, checkpoints), the initial or restored state,
+    then the first write into `out` (the tokenizer)."""
     record_path = out / "run.json"
     if resume and record_path.exists():
         saved = json.loads(record_path.read_text())["config"]
@@ -95,23 +144,45 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             diff = sorted(k for k in set(saved) | set(to_dict(cfg))
                           if k != "stop_after" and saved.get(k) != to_dict(cfg).get(k))
             raise ConfigError(f"--resume: config differs from the run in {out} (in {', '.join(diff)})")
-
     tokenizer, train_data, val_data = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
-    tokenizer.save(out / "tokenizer")
     mesh = make_mesh(cfg.mesh)
     steps = build_steps(cfg, mesh)
+    check_out_dir(out, state_bytes(steps.abstract_state))
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
+    try:
+        if resume:
+            start_step = ckpt.latest_verified(report=lambda line: print(line, file=sys.stderr))
+        elif ckpt.all_steps():
+            raise ConfigError(f"--out {out} already holds checkpoints {ckpt.all_steps()}: pass --resume or pick "
+                              "a new --out")
+        else:
+            start_step = None
+        state = steps.init() if start_step is None else ckpt.restore(start_step, steps.abstract_state)
+        tokenizer.save(out / "tokenizer")
+    except BaseException:
+        ckpt.close()
+        raise
+    return tokenizer, train_data, val_data, steps, ckpt, start_step, state
 
-    start_step = ckpt.latest_step() if resume else None
-    state = steps.init() if start_step is None else ckpt.restore(start_step, steps.abstract_state)
-    if start_step is None:
-        ckpt_steps = ckpt.all_steps()
-        if ckpt_steps:
-            raise ConfigError(f"--out {out} already holds checkpoints {ckpt_steps}: pass --resume or pick a new --out")
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the summary that is also written to summary.json.
+
+    Everything that can refuse the run (config, data, --out, checkpoints) is checked before training, and a
+    refused run leaves no --out folder behind when it created one.
+    """
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        tokenizer, train_data, val_data, steps, ckpt, start_step, state = _setup(cfg, out, resume)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     peak = measure_matmul_peak(cfg.model.dtype)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    write_json_atomic(record_path, run_record(
+    write_json_atomic(out / "run.json", run_record(
         to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
         # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
         implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
@@ -122,7 +193,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     first = int(state.step)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_good = start_step
     timer_step, timer = first, time.perf_counter()
     throughput: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=first, disable=not progress or None, desc=cfg.name, file=sys.stderr)
@@ -131,13 +201,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
         """Fetches pending metrics, checks they are finite, logs them with throughput and MFU."""
         nonlocal pending, timer_step, timer, throughput
         for s, metrics in jax.device_get(pending):
-            # Vector statistics (e.g. MoE per-expert fractions) are logged as lists.
-            rec = {"step": s, **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
-                                 for k, v in metrics.items()}}
             if not all(np.isfinite(v).all() for v in metrics.values()):
-                where = f"step {last_good} in {ckpt.directory}" if last_good is not None else "none saved yet"
-                raise NonFiniteLossError(f"non-finite loss {rec['loss']} at step {s}; last good checkpoint: {where}")
-            log.write(rec)
+                what = divergence(s, metrics, state)
+                ckpt.wait()  # a save in flight holds an earlier, finite state: let it count as good
+                where = f"step {ckpt.last_good} in {ckpt.directory}" if ckpt.last_good is not None else "none"
+                raise DivergedError(f"{what}; last good checkpoint: {where}")
+            # Vector statistics (e.g. MoE per-expert fractions) are logged as lists.
+            log.write({"step": s, **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                                     for k, v in metrics.items()}})
         pending = []
         elapsed = time.perf_counter() - timer
         if step > timer_step and step > first + 1:  # the first interval holds compilation
@@ -150,6 +221,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     try:
         for step in range(first, last):
             state, metrics = steps.train(state, put_batch(train_data.batch(step), steps.batch_sharding))
+            ckpt.poll()  # a failed asynchronous save stops the run at the next step, not the next save
             pending.append((step + 1, metrics))
             done = step + 1
             if done == first + 1 or done % cfg.log_every == 0 or done == last:
@@ -165,13 +237,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last:
                 flush(done)  # only finite states are saved
                 ckpt.save(done, state)
-                last_good = done
             bar.update(1)
+        ckpt.wait()
+    except BaseException:  # report the first error: what follows may fail too (e.g. on a full disk)
+        with contextlib.suppress(CheckpointError):
+            ckpt.wait()  # seal a save in flight (e.g. at Ctrl-C)
+        with contextlib.suppress(OSError):
+            log.close()
+        raise
     finally:
         bar.close()
-        ckpt.wait()
-        ckpt.close()
         log.close()
+        ckpt.close()
 
     summary: dict[str, Any] = {"step": int(state.step), **throughput, **evaluate(steps, state, val_data,
                                                                                   cfg.eval_batches)}
@@ -182,7 +259,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="research.train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m research.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", help="preset name (see configs/presets.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable, e.g. --set model.d_model=256")
@@ -206,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.config, args.overrides)
         maybe_initialize_distributed()
         summary = train(cfg, args.out or f"runs/{cfg.name}", args.resume, progress=not args.no_progress)
-    except (ConfigError, DataError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, DivergedError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"final: val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "

@@ -122,6 +122,7 @@ def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> S
         # The router biases have zero gradient; whatever the optimizer did to them is replaced.
         params = with_router_biases(optax.apply_updates(state.params, updates), aux.get("router_bias", {}))
         metrics = {"loss": nll, "total_loss": total, "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params),
                    "lr": schedule(state.step), **aux["losses"], **aux["stats"]}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

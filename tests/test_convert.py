@@ -6,7 +6,9 @@ new one is complete."""
 
 import dataclasses
 import json
+import os
 import shutil
+import struct
 from pathlib import Path
 
 import jax
@@ -287,6 +289,102 @@ def test_export_errors(llama, tmp_path, capsys):
     cfg = from_dict(TrainConfig, json.loads((run_dir / "run.json").read_text())["config"]).model
     with pytest.raises(UnsupportedError, match="model.norm='layernorm'"):
         export_family(dataclasses.replace(cfg, norm="layernorm"))
+
+
+def damaged_copy(src: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A copy of the model folder `src` with one file damaged as `case` says, and the error line expected."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(src, folder)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    size = weights.stat().st_size
+    if case == "config is a list":
+        config.write_text("[1, 2]")
+        return folder, f"{config}: expected a JSON object, not a list"
+    if case == "config is not JSON":
+        config.write_text('{"hidden_size": ')
+        return folder, f"{config}: not valid JSON (Expecting value: line 1 column 17 (char 16))"
+    if case == "config lacks hidden_size":
+        hf = json.loads(config.read_text())
+        del hf["hidden_size"]
+        config.write_text(json.dumps(hf))
+        return folder, "config.json: missing hidden_size (required for llama)"
+    if case == "garbage header length":
+        with weights.open("r+b") as f:
+            f.write(struct.pack("<Q", 2 ** 62))
+        return folder, (f"{weights}: not a safetensors file (header length {2 ** 62} is past the end of the file, "
+                        f"which has {size} bytes)")
+    if case == "header is not JSON":
+        with weights.open("r+b") as f:
+            f.seek(8)
+            f.write(b"garbage!")
+        return folder, f"{weights}: not a safetensors file (unreadable JSON header)"
+    if case == "truncated weights":  # the last tensor in the file loses its last 100 bytes
+        length = struct.unpack("<Q", weights.read_bytes()[:8])[0]
+        header = json.loads(weights.read_bytes()[8:8 + length])
+        header.pop("__metadata__", None)
+        name = max(header, key=lambda k: header[k]["data_offsets"])
+        begin, end = (8 + length + offset for offset in header[name]["data_offsets"])
+        os.truncate(weights, size - 100)
+        return folder, (f"{weights}: truncated: tensor {name!r} needs bytes [{begin}, {end}) but the file has "
+                        f"{size - 100}")
+    names = SafetensorsFile(weights).keys()
+    if case == "index names a missing shard":
+        weights.rename(folder / "model-00001-of-00002.safetensors")
+        shards = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
+        index.write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+        return folder, (f"{folder}: model.safetensors.index.json lists model-00002-of-00002.safetensors, "
+                        "which is missing")
+    assert case == "index is not JSON"
+    index.write_text("weights: all of them")
+    return folder, f"{index}: not valid JSON (Expecting value: line 1 column 1 (char 0))"
+
+
+@pytest.mark.parametrize("case", ["config is a list", "config is not JSON", "config lacks hidden_size",
+                                  "garbage header length", "header is not JSON", "truncated weights",
+                                  "index names a missing shard", "index is not JSON"])
+def test_import_of_damaged_files_fails_with_one_line(llama, tmp_path, capsys, case):
+    folder, message = damaged_copy(llama[2], tmp_path, case)
+    out = tmp_path / "out" / "run"
+    out.parent.mkdir()
+    assert convert.main(["--from-hf", str(folder), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not any(out.parent.iterdir())  # no half-written or temporary directory
+
+
+@pytest.mark.parametrize("case", ["run.json is not JSON", "no run.json", "checkpoint folder deleted",
+                                  "checkpoint file truncated"])
+def test_export_of_a_damaged_run_fails_with_one_line(llama, tmp_path, capsys, case):
+    """A run whose record or orbax checkpoint is damaged: one line naming the run and the file, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(llama[3], run)
+    step = run / "checkpoints" / "0"
+    if case == "run.json is not JSON":
+        (run / "run.json").write_text("{bad")
+        named = f"{run / 'run.json'}: not valid JSON"
+    elif case == "no run.json":
+        (run / "run.json").unlink()
+        named = f"{run}: no run.json"
+    elif case == "checkpoint folder deleted":
+        shutil.rmtree(step / "default")
+        named = "default/"
+    else:  # the largest file orbax wrote: the parameters' bytes
+        data = max((p for p in (step / "default").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        os.truncate(data, 10)
+        named = str(data.relative_to(step))
+    out = tmp_path / "hf"
+    assert convert.main(["--to-hf", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(run) in err and named in err, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_unknown_flag_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["--from-hf", str(tmp_path), "--out", str(tmp_path / "out"), "--bogus"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "python -m research.convert: error: unrecognized arguments: --bogus\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_qwen2_mixed_sliding_layers_are_refused():

@@ -60,8 +60,33 @@ def test_load_text_not_utf8_names_the_file(tmp_path, in_folder):
     (root / "a.txt").write_text("fine", encoding="utf-8")
     (root / "b.txt").write_bytes(b"caf\xe9 latin-1")
     source = root if in_folder else root / "b.txt"
-    with pytest.raises(DataError, match=r"^.*docs/b.txt: not UTF-8 text \(invalid continuation byte at byte 3\)$"):
+    where = f"data.source='{source}': " + (f"{root / 'b.txt'}: " if in_folder else "")
+    with pytest.raises(DataError) as err:
         data.load_text(str(source), tmp_path)
+    assert str(err.value) == where + "not UTF-8 text (invalid byte 0xe9 at offset 3)"
+
+
+def test_load_text_binary_file(tmp_path):
+    """An image given as the corpus: one line naming it, the first bad byte and where it is."""
+    png = tmp_path / "logo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DataError) as err:
+        data.load_text(str(png), tmp_path)
+    assert str(err.value) == f"data.source='{png}': not UTF-8 text (invalid byte 0x89 at offset 0)"
+
+
+@pytest.mark.parametrize("case", ["name too long", "read fails"])
+def test_load_text_unreadable_source(tmp_path, case):
+    """What the OS refuses is a DataError naming data.source and the OS's reason, not an OSError."""
+    if case == "name too long":
+        source, reason = str(tmp_path / ("x" * 300)), "File name too long"
+    else:  # a regular file whose reading fails (reading this process's memory from address 0)
+        source, reason = "/proc/self/mem", "Input/output error"
+        if not Path(source).is_file():
+            pytest.skip("no /proc/self/mem")
+    with pytest.raises(DataError) as err:
+        data.load_text(source, tmp_path)
+    assert str(err.value) == f"data.source={source!r}: {reason}"
 
 
 def test_split_documents():

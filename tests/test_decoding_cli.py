@@ -38,22 +38,52 @@ def run_dir(cache_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--strategy", "nucleus"], "argument --strategy: invalid choice: 'nucleus'"),
-    (["--top-p", "1.5"], "error: top_p=1.5: expected 0 < top_p <= 1"),
-    (["--top-p", "0"], "error: top_p=0.0: expected 0 < top_p <= 1"),
-    (["--temperature", "-1"], "error: temperature=-1.0: expected >= 0"),
+    (["--bogus"], "python -m decoding.generate: error: unrecognized arguments: --bogus"),
+    (["--strategy", "nucleus"], "python -m decoding.generate: error: argument --strategy: invalid choice: 'nucleus' "
+                                 "(choose from 'greedy', 'sample', 'beam')"),
+    (["--top-p", "x"], "python -m decoding.generate: error: argument --top-p: invalid float value: 'x'"),
+    (["--top-p", "1.5"], "error: top_p=1.5: expected 0 < top_p <= 1 (1 is off)"),
+    (["--top-p", "0"], "error: top_p=0.0: expected 0 < top_p <= 1 (1 is off)"),
+    (["--temperature", "-1"], "error: temperature=-1.0: expected >= 0 and finite (0 is greedy)"),
+    (["--temperature", "inf"], "error: temperature=inf: expected >= 0 and finite (0 is greedy)"),
+    (["--top-k", "-3"], "error: top_k=-3: expected >= 0 (0 is off)"),
+    (["--top-k", str(10 ** 20)], f"error: top_k={10 ** 20}: out of range for int64"),
+    (["--min-p", "2"], "error: min_p=2.0: expected 0 <= min_p <= 1 (0 is off)"),
     (["--strategy", "beam", "--num-beams", "0"], "error: num_beams=0: expected a positive integer"),
-    (["--max-new-tokens", "10000"], "error: prompt of 1 tokens + max_new_tokens=10000 exceeds model.max_seq_len=64"),
-    (["--step", "7"], "error: step=7: not among the saved checkpoints [3] in "),
+    (["--num-beams", "0"], "error: num_beams=0: expected a positive integer"),  # checked whatever the strategy
+    (["--strategy", "beam", "--num-beams", "2", "--num-return", "5"],
+     "error: num_return=5: expected 1 <= num_return <= num_beams=2"),
+    (["--num-samples", "0"], "error: --num-samples=0: expected an integer >= 1"),
+    (["--stream-every", "0"], "error: --stream-every=0: expected an integer >= 1"),
+    (["--stream-every", str(2 ** 31)], f"error: --stream-every={2 ** 31}: expected an integer <= {2 ** 31 - 1}"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens=0: expected an integer >= 1"),
+    (["--min-new-tokens", "-1"], "error: --min-new-tokens=-1: expected an integer >= 0"),
+    (["--min-new-tokens", "5", "--max-new-tokens", "2"], "error: --min-new-tokens=5: expected <= --max-new-tokens=2"),
+    (["--repetition-penalty", "0"], "error: --repetition-penalty=0.0: expected a finite value > 0 (1 is off)"),
+    (["--repetition-penalty", "nan"], "error: --repetition-penalty=nan: expected a finite value > 0 (1 is off)"),
+    (["--seed", str(2 ** 64)], f"error: --seed={2 ** 64}: expected a 64-bit integer"),
 ])
-def test_bad_arguments_fail_with_one_line(run_dir, capsys, args, message):
-    argv = ["--checkpoint", str(run_dir[0]), "--prompt", "a", *args]
+def test_bad_flags_fail_with_one_line_before_the_run_is_loaded(tmp_path, capsys, monkeypatch, args, message):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("load_run was called before the flags were checked")
+
+    monkeypatch.setattr("research.runs.load_run", not_reached)
+    argv = ["--checkpoint", str(tmp_path), "--prompt", "a", *args]
     try:
         status = main(argv)
     except SystemExit as exit_:  # argparse
         status = exit_.code
+    assert (status, capsys.readouterr().err) == (2, message + "\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "10000"], "error: prompt of 1 tokens + max_new_tokens=10000 exceeds model.max_seq_len=64"),
+    (["--step", "7"], "error: step=7: not among the saved checkpoints [3] in "),
+])
+def test_bad_arguments_for_the_run_fail_with_one_line(run_dir, capsys, args, message):
+    status = main(["--checkpoint", str(run_dir[0]), "--prompt", "a", *args])
     err = capsys.readouterr().err
-    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_max_new_tokens_defaults_to_what_fits_the_context(run_dir, capsys):

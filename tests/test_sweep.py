@@ -1,6 +1,7 @@
 """Sweeps: grids expand to the right cells, finished runs are reused, a failed run does not stop the rest."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,30 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     rows = run_sweep(sweep, tmp_path, progress=False, train_fn=fake_train)
     assert [r["status"] for r in rows] == ["reused", "done", "done"]
     assert len(calls(tmp_path)) == 3
+
+
+def dying_train(config: dict, directory: str) -> dict:
+    """fake_train, except that the process training learning_rate 2e-3 dies at once (as under the OOM killer)."""
+    if config["optim"]["learning_rate"] == 2e-3:
+        os._exit(9)
+    return fake_train(config, directory)
+
+
+def test_a_worker_that_dies_fails_only_its_cell(tmp_path):
+    sweep = Sweep("par", "smoke", (), (Grid("lr", (axis("optim.learning_rate", (1e-3, 2e-3, 3e-3, 4e-3)),)),))
+    rows = run_sweep(sweep, tmp_path, jobs=2, progress=False, train_fn=dying_train, prepare=None)
+    status = {r["condition"]: (r["status"], r.get("error", "")) for r in rows}
+    assert status["learning_rate=0.002"] == ("failed", "WorkerDied: the worker process training this cell died "
+                                             "(exit code 9; out of memory?)")
+    assert [status[f"learning_rate={lr}"][0] for lr in (0.001, 0.003, 0.004)] == ["done"] * 3
+    assert sorted(calls(tmp_path)) == sorted(r["key"] for r in rows if r["status"] == "done")
+
+
+def test_a_cell_whose_data_cannot_be_prepared_fails_alone(tmp_path):
+    sweep = Sweep("par", "smoke", (), (Grid("src", (axis("data.source", ("embedded", str(tmp_path / "missing.txt"))),)),))
+
+    rows = run_sweep(sweep, tmp_path, jobs=2, progress=False, train_fn=fake_train)  # the real prepare_data
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert rows[1]["error"].startswith("ConfigError: data.source=") and "missing.txt" in rows[1]["error"]
+    failed = json.loads((tmp_path / "runs" / rows[1]["key"] / "failed.json").read_text())
+    assert failed["error"] == rows[1]["error"] and "Traceback" in failed["traceback"]

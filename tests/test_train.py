@@ -14,7 +14,7 @@ import research.train as train_mod
 from configs import get_config, list_configs
 from research.checkpoint import Checkpointer
 from research.config import apply_overrides
-from research.train import NonFiniteLossError, main, train
+from research.train import DivergedError, main, train
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_partial_save_leaves_previous_checkpoint_usable(full_run, smoke, tmp_pat
     assert summary["step"] == 20
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, monkeypatch):
+def poison(quantity):
+    """A train step whose `quantity` goes NaN from step 14 on (for "param_norm": a parameter becomes inf)."""
     real_build = train_mod.build_steps
 
     def poisoned_build(cfg, mesh):
@@ -93,15 +94,30 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(smoke, tmp_path, m
         def train_step(state, batch):
             new_state, metrics = steps.train(state, batch)  # donates `state`
             bad = jnp.where(new_state.step >= 14, jnp.nan, 0.0)
-            return new_state, {**metrics, "loss": metrics["loss"] + bad}
+            if quantity == "param_norm":
+                params = dict(new_state.params)
+                params["final_norm"] = {"scale": params["final_norm"]["scale"] + jnp.inf * jnp.isnan(bad)}
+                new_state = new_state.replace(params=params)
+            return new_state, {**metrics, quantity: metrics[quantity] + bad}
 
         return dataclasses.replace(steps, train=train_step)
 
-    monkeypatch.setattr(train_mod, "build_steps", poisoned_build)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 14; last good checkpoint: step 10"):
+    return poisoned_build
+
+
+@pytest.mark.parametrize("quantity, message", [
+    ("loss", r"non-finite loss \(nan\) at step 14; "),
+    ("grad_norm", r"non-finite gradient norm \(nan\) at step 14 \(loss \d\.\d+\); "),
+    ("param_norm", r"non-finite parameter norm \(nan\) at step 14 \(loss \d\.\d+\); at step 15, \d+ of \d+ "
+                   r"parameter arrays are non-finite: .*; "),
+])
+def test_divergence_names_the_quantity_and_keeps_the_last_good_checkpoint(smoke, tmp_path, monkeypatch, quantity,
+                                                                          message):
+    monkeypatch.setattr(train_mod, "build_steps", poison(quantity))
+    with pytest.raises(DivergedError, match=message + f"last good checkpoint: step 10 in {tmp_path}/checkpoints$"):
         train(smoke, tmp_path, progress=False)
     ckpt = Checkpointer(tmp_path / "checkpoints")
-    assert ckpt.all_steps() == [10]
+    assert ckpt.all_steps() == [10] and ckpt.verify(10) is None
     ckpt.close()
 
 
