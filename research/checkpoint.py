@@ -79,6 +79,7 @@ class Checkpointer:
         self._pending: int | None = None  # the step being saved, not yet sealed
         self._broken = False  # a save failed (and was reported)
         self.last_good: int | None = None  # the newest step sealed or verified by this process
+        self.seal_seconds: dict[int, float] = {}  # per sealed step: hashing + writing the manifest
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -128,7 +129,7 @@ class Checkpointer:
                               f"last good checkpoint: {good}") from err
 
     def _seal(self, step: int) -> None:
-        folder = self.step_dir(step)
+        folder, start = self.step_dir(step), time.perf_counter()
         if jax.process_index() == 0:
             files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                      for p in _files(folder)}
@@ -139,6 +140,7 @@ class Checkpointer:
             except OSError as err:
                 tmp.unlink(missing_ok=True)
                 self._failed(step, err)
+        self.seal_seconds[step] = time.perf_counter() - start
         self.last_good = step
 
     def verify(self, step: int) -> str | None:
