@@ -173,7 +173,8 @@ class _Worker:
         self.process.join()
         code = self.process.exitcode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        return (f"WorkerDied: the worker process training this cell died ({how}; out of memory?)", "")
+        hint = "; out of memory?" if code == -signal.SIGKILL else ""  # what the OOM killer sends
+        return (f"WorkerDied: the worker process training this cell died ({how}{hint})", "")
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):

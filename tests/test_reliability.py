@@ -239,7 +239,7 @@ def test_a_sweep_worker_killed_hard_fails_only_its_cell(smoke, tmp_path):
                   (Grid("lr", (axis("optim.learning_rate", (1e-3, 2e-3, 3e-3)),)),))
     rows = run_sweep(sweep, tmp_path, jobs=2, progress=False, train_fn=dies_for_lr_2e3)
     assert [r["status"] for r in rows] == ["done", "failed", "done"]
-    assert rows[1]["error"] == "WorkerDied: the worker process training this cell died (exit code 1; out of memory?)"
+    assert rows[1]["error"] == "WorkerDied: the worker process training this cell died (exit code 1)"
     for row in (rows[0], rows[2]):
         assert json.loads((tmp_path / "runs" / row["key"] / "summary.json").read_text())["step"] == 4
     recorded = json.loads((tmp_path / "sweep.json").read_text())["cells"]
