@@ -43,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from decoding.generate import DecodeOutput, min_new_tokens_processors, special_ids
+from decoding.generate import DecodeOutput, completeness, min_new_tokens_processors, special_ids
 from decoding.processors import LogitsProcessor, apply_processors, init_states, take_rows, update_states
 from decoding.sampling import backend_default, total_order_key
 from decoding.steps import check_inputs, decode_step, is_stop, prefill, stop_array
@@ -298,4 +298,5 @@ def _beam_search(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, proc
         jnp.concatenate([s.done_logprobs, s.alive_logprobs], 1),
         jnp.concatenate([s.done_lengths, jnp.full((batch, width), m, jnp.int32)], 1), beam.num_return,
         beam.selection)
-    return DecodeOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, scores=scores)
+    return DecodeOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, scores=scores,
+                        complete=completeness(processors, tokens, lengths))

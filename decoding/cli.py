@@ -3,7 +3,7 @@
     python -m decoding.generate --checkpoint RUN_DIR --prompt "Once upon" [--strategy greedy|sample|beam]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--num-samples N]
         [--num-beams W] [--num-return N] [--max-new-tokens M] [--min-new-tokens N] [--seed S] [--step STEP]
-        [--stream-every N] [--no-stream]
+        [--stream-every N] [--no-stream] [--regex PATTERN | --json-schema FILE] [--cache-dir DIR]
 
 RUN_DIR is what `python -m research.train --out RUN_DIR` wrote: run.json (the config), tokenizer/ and
 checkpoints/ (only the params are read), or a Hugging Face checkpoint converted by `python -m research.convert`.
@@ -11,24 +11,33 @@ Greedy and single-sample output is streamed: a host callback inside the compiled
 to the printer every --stream-every steps (experiments/benchmark_decode.py measures its cost). Beam search
 prints the n-best with their length-normalised scores at the end (beams reorder, so there is no stable
 prefix to print early).
+
+--regex / --json-schema constrain every strategy's output to a full match (decoding/constraint.py; the JSON
+schema subset: decoding/json_schema.py), with the automaton's tables on the device; its size and compile
+time are printed, and it is cached under --cache-dir. An output that reaches --max-new-tokens before the
+match is complete is reported as incomplete on stderr and the exit status is 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from decoding.beam_search import BeamConfig, beam_search
+from decoding.constraint import check_regex, compile_regex, constrain
 from decoding.generate import generate
+from decoding.json_schema import SchemaError, schema_to_regex
 from decoding.processors import RepetitionPenalty
 from decoding.sampling import SamplerConfig, SamplingParams, make_sampler
+from decoding.steps import check_prompt
 from research.cli import ArgumentParser
 
 
@@ -56,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--stream-every", type=int, default=4, help="steps between printed updates")
     p.add_argument("--no-stream", action="store_true", help="print only when generation is done")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--regex", default=None, help="constrain the output to a full match of PATTERN")
+    constraint.add_argument("--json-schema", default=None, metavar="FILE",
+                            help="constrain the output to JSON valid under the schema in FILE")
+    p.add_argument("--cache-dir", default=".cache", help="where compiled constraints are cached")
     return p.parse_args(argv)
 
 
@@ -63,15 +77,15 @@ class TextStream:
     """Prints row 0's text as it grows: re-decodes the row and prints what is new, holding back a
     trailing incomplete character (U+FFFD) until the bytes that complete it arrive."""
 
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
         self.printed = ""
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.write(self.tokenizer.decode(tokens[0, :lengths[0]].tolist()).rstrip("\ufffd"))
+        self.write(self.decode(tokens[0, :lengths[0]].tolist()).rstrip("\ufffd"))
 
     def finish(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.write(self.tokenizer.decode(tokens[0, :lengths[0]].tolist()))
+        self.write(self.decode(tokens[0, :lengths[0]].tolist()))
         sys.stdout.write("\n")
 
     def write(self, text: str) -> None:
@@ -91,6 +105,24 @@ def default_max_new_tokens(prompt_tokens: int, context: int) -> int:
         print(f"--max-new-tokens defaults to {room}: what fits model.max_seq_len={context} after the "
               f"{prompt_tokens}-token prompt", file=sys.stderr)
     return min(room, DEFAULT_MAX_NEW_TOKENS)
+
+
+def constraint_pattern(args: argparse.Namespace) -> str | None:
+    """The regex that --regex or --json-schema asks for (None: unconstrained); schema errors are one line."""
+    if args.json_schema is None:
+        if args.regex is not None:
+            check_regex(args.regex)
+        return args.regex
+    try:
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"--json-schema {args.json_schema}: {err.strerror or err}") from None
+    except ValueError as err:  # not JSON, not UTF-8
+        raise ValueError(f"--json-schema {args.json_schema}: not valid JSON ({err})") from None
+    try:
+        return schema_to_regex(schema)
+    except SchemaError as err:
+        raise ValueError(f"--json-schema {args.json_schema}: {err}") from None
 
 
 def check_args(args: argparse.Namespace) -> tuple[BeamConfig | None, SamplerConfig, SamplingParams]:
@@ -115,8 +147,9 @@ def check_args(args: argparse.Namespace) -> tuple[BeamConfig | None, SamplerConf
     return (beam if args.strategy == "beam" else None), sampler, sampling
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     beam, sampler, sampling = check_args(args)
+    pattern = constraint_pattern(args)
     # Imported once the flags are known to be good: loading a run brings in orbax and the rest of the
     # research harness, which --help and a mistyped flag do not need.
     from research.runs import load_run
@@ -125,16 +158,27 @@ def run(args: argparse.Namespace) -> None:
     if tokenizer is None:
         raise ValueError(f"--checkpoint {args.checkpoint}: no tokenizer/ (the model folder it was converted "
                          "from had no tokenizer files)")
+    processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
+    stop_tokens = tuple(t for t in (tokenizer.eos_id,) if t is not None and t >= 0)
+    decode = tokenizer.decode
+    if pattern is not None:
+        pieces = tokenizer.token_bytes()
+        automaton = compile_regex(pattern, pieces, cfg.vocab_size, eos_id=stop_tokens[0] if stop_tokens else None,
+                                  cache_dir=args.cache_dir)
+        print(automaton.describe(), file=sys.stderr)
+        processors += (constrain([automaton], stop_tokens),)
+        # The text is the bytes the automaton matched (a tokenizer's decode may drop a leading space).
+        decode = lambda ids: b"".join(pieces[t] or b"" for t in ids if t < len(pieces)).decode("utf-8", "replace")
     # As the model saw text in training: with bos where its tokenizer adds one (Llama's, Mistral's).
     ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     prompt, lengths = np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32)
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(len(ids), cfg.max_seq_len)
-    processors = (RepetitionPenalty(np.float32(args.repetition_penalty)),) if args.repetition_penalty != 1 else ()
+    check_prompt(cfg, len(ids), max_new_tokens)  # before the prompt is echoed to stdout
     common = dict(max_new_tokens=max_new_tokens, min_new_tokens=args.min_new_tokens, processors=processors,
-                  stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+                  stop_tokens=stop_tokens, pad_id=tokenizer.pad_id)
 
     streamed = beam is None and args.num_samples == 1 and not args.no_stream
-    stream = TextStream(tokenizer) if streamed else None
+    stream = TextStream(decode) if streamed else None
     start = time.perf_counter()
     if beam is not None:
         out = beam_search(params, cfg, prompt, lengths, beam=beam, **common)
@@ -151,17 +195,21 @@ def run(args: argparse.Namespace) -> None:
         stream.finish(out.tokens[:, 0], out.lengths[:, 0])
     else:
         for n in range(out.tokens.shape[1]):
-            text = args.prompt + tokenizer.decode(out.tokens[0, n, :out.lengths[0, n]].tolist())
+            text = args.prompt + decode(out.tokens[0, n, :out.lengths[0, n]].tolist())
             label = f"[score {out.scores[0, n]:.3f}] " if beam is not None else ""
             print(f"{label}{text}" if out.tokens.shape[1] == 1 else f"--- {n + 1}: {label}{text}")
     print(f"{int(out.lengths.sum())} tokens in {seconds:.1f} s (compilation included)", file=sys.stderr)
+    incomplete = np.flatnonzero(~np.asarray(out.complete[0]))
+    for n in incomplete:
+        print(f"output {n + 1}: incomplete: --max-new-tokens={max_new_tokens} ran out before the constraint "
+              "was matched", file=sys.stderr)
+    return 3 if len(incomplete) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
-    except (ValueError, OSError) as err:  # ConfigError and RunError are ValueErrors
+        return run(args)
+    except (ValueError, OSError) as err:  # ConfigError, RunError and ConstraintError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0

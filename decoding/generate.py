@@ -69,6 +69,16 @@ class DecodeOutput:
     logprobs: jax.Array  # [B, N, M] fp32, per token, under the processed distribution; 0 after the stop
     lengths: jax.Array  # [B, N] int32, the stop token included
     scores: jax.Array  # [B, N] fp32: summed log-probs (sampling) or length-normalised scores (beams)
+    complete: jax.Array  # [B, N] bool: False where a constraint (decoding/constraint.py) was left unfinished
+
+
+def completeness(processors: Sequence[LogitsProcessor], tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """[B, N] bool: every processor that can tell (an `accepts` method: constraints) accepts the output."""
+    complete = jnp.ones(lengths.shape, bool)
+    for p in processors:
+        if hasattr(p, "accepts"):
+            complete = complete & p.accepts(tokens, lengths)
+    return complete
 
 
 def generate(params: Any, cfg: ModelConfig, prompt: Any, prompt_lengths: Any, rng: jax.Array | None = None, *,
@@ -180,8 +190,10 @@ def _generate(params: Any, prompt: jax.Array, prompt_lengths: jax.Array, rng: ja
 
     state = jax.lax.while_loop(cond, body, state)
     shape = (batch, num_samples)
-    return DecodeOutput(tokens=state.tokens.reshape(*shape, -1), logprobs=state.logprobs.reshape(*shape, -1),
-                        lengths=state.lengths.reshape(shape), scores=jnp.sum(state.logprobs, -1).reshape(shape))
+    tokens, lengths = state.tokens.reshape(*shape, -1), state.lengths.reshape(shape)
+    return DecodeOutput(tokens=tokens, logprobs=state.logprobs.reshape(*shape, -1), lengths=lengths,
+                        scores=jnp.sum(state.logprobs, -1).reshape(shape),
+                        complete=completeness(processors, tokens, lengths))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))

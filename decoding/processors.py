@@ -14,8 +14,10 @@ tokens rows chose: a row that has finished keeps the state it had at its stop to
 after it is not a token). Processors run in order, before the sampling filters, and define the
 distribution the log-probs and beam scores refer to (beam search with `scoring="huggingface"` applies them
 to the log-probs instead, as transformers does); they must leave at least one token with a finite logit.
-A later constrained-decoding automaton fits the same shape: state = automaton state, process = mask,
-update = transition.
+A processor may also say whether finished outputs are acceptable, `accepts(tokens [B, N, M], lengths [B, N])
+-> [B, N] bool`, which the loops report as `DecodeOutput.complete`: constrained decoding
+(decoding/constraint.py) is such a processor, with state = automaton state, process = mask, update =
+transition.
 """
 
 from __future__ import annotations

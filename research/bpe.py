@@ -159,6 +159,13 @@ class BpeTokenizer:
         data = b"".join(self._id_bytes[i] for i in ids)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id appends to a text (research/tokenizer.py): a byte, or a merge's two halves
+        joined, exactly what `decode` concatenates. pad/bos/eos (which decode drops) and the ids past
+        the learned merges up to `vocab_size` are None."""
+        learned = self._id_bytes[BYTE_OFFSET:]
+        return [None] * BYTE_OFFSET + learned + [None] * (self.vocab_size - len(self._id_bytes))
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

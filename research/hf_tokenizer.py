@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,69 @@ def read_chat_template(directory: Path) -> str | None:
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default")
     return template
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the printable character each byte is spelled with in ByteLevel tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SUPPORTED_DECODERS = "ByteLevel, Metaspace, or a Sequence of Replace, ByteFallback, Fuse and a final Strip (Llama-2)"
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """What the ByteLevel decoder makes of a token: the bytes its characters spell, or, when a character is
+    outside that alphabet (an added token such as " hi"), the token's own UTF-8."""
+    if all(c in _BYTE_LEVEL_ALPHABET for c in token):
+        return bytes(_BYTE_LEVEL_ALPHABET[c] for c in token)
+    return token.encode("utf-8")
+
+
+def _decoder_steps(decoder: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if decoder is not None and decoder["type"] == "Sequence":
+        return [step for d in decoder["decoders"] for step in _decoder_steps(d)]
+    return [decoder or {"type": "None"}]
+
+
+def _token_bytes_function(decoder: dict[str, Any] | None, where: str) -> Callable[[str], bytes]:
+    """The bytes tokenizer.json's `decoder` turns one token string into, in the middle of a text.
+
+    SentencePiece-style chains are per token (Replace, Metaspace's replacement -> " ", ByteFallback's
+    `<0xNN>` -> byte NN) up to Fuse; after it only a Strip of the text's first characters is allowed, which
+    like Metaspace's rule for the first token only touches the start of a text. Anything else (no decoder,
+    WordPiece, a Regex Replace, steps in another order) raises a one-line ConversionError (a ValueError)
+    naming it, rather than guessing.
+    """
+    steps = _decoder_steps(decoder)
+    if [step["type"] for step in steps] == ["ByteLevel"]:
+        return _byte_level_bytes
+    replacements: list[tuple[str, str]] = []
+    byte_fallback = fused = False
+    for n, step in enumerate(steps, 1):
+        kind, per_token = step["type"], not (byte_fallback or fused)
+        if kind == "Replace" and "String" in step["pattern"] and per_token:
+            replacements.append((step["pattern"]["String"], step["content"]))
+        elif kind == "Metaspace" and per_token:
+            replacements.append((step["replacement"], " "))
+        elif kind == "ByteFallback" and not fused:
+            byte_fallback = True
+        elif kind == "Fuse":
+            fused = True
+        elif not (kind == "Strip" and fused and step["stop"] == 0):
+            name = kind if len(steps) == 1 else f"{kind} (step {n} of a Sequence)"
+            raise ConversionError(f"{where}: token_bytes cannot map decoder {name} exactly (supported: "
+                                  f"{_SUPPORTED_DECODERS})")
+
+    def to_bytes(token: str) -> bytes:
+        for pattern, content in replacements:
+            token = token.replace(pattern, content)
+        byte = _BYTE_FALLBACK.fullmatch(token) if byte_fallback else None
+        return bytes([int(byte[1], 16)]) if byte else token.encode("utf-8")
+    return to_bytes
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
@@ -221,6 +285,33 @@ class HFTokenizer:
         if self._tok is not None:
             return self._tok.decode(ids, skip_special_tokens=False)
         return self._sp.decode(ids)
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id appends to a text (research/tokenizer.py). tokenizer.json: each token as its decoder
+        makes bytes of it (`_token_bytes_function`); added tokens go through the decoder too, as in `decode`, so
+        an ASCII or spaced one gives its content's UTF-8. Special added tokens, the model's unk and pad/bos/eos
+        are None. tokenizer.model: research/sentencepiece_tokenizer.py `piece_bytes`."""
+        if self._sp is not None:
+            from research.sentencepiece_tokenizer import piece_bytes
+
+            out, never = piece_bytes(self._sp, self.vocab_size), set()
+        else:
+            data = _read_json(self.directory / "tokenizer.json")
+            to_bytes = _token_bytes_function(data.get("decoder"), f"{self.directory}/tokenizer.json")
+            out = [None if (token := self._tok.id_to_token(i)) is None else to_bytes(token)
+                   for i in range(self.vocab_size)]
+            never = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            never |= {self._unk_id(data["model"])} - {None}
+        for i in never | {self.pad_id, self.bos_id, self.eos_id}:
+            if i < self.vocab_size:  # config.json may name an id this tokenizer lacks
+                out[i] = None
+        return out
+
+    def _unk_id(self, model: dict[str, Any]) -> int | None:
+        """The unk of tokenizer.json's model: a token (BPE, WordPiece, WordLevel) or an id (Unigram)."""
+        if model.get("unk_token") is not None:
+            return self._tok.token_to_id(model["unk_token"])
+        return model.get("unk_id")
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:

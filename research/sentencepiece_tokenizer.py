@@ -29,6 +29,27 @@ _MODEL_FILE = "sentencepiece.model"
 _META_SPACE = "\u2581"
 
 
+def piece_bytes(sp: spm.SentencePieceProcessor, vocab_size: int) -> list[bytes | None]:
+    """`token_bytes` (research/tokenizer.py) of a SentencePiece model, padded with None up to `vocab_size`.
+
+    A piece (user-defined ones too) appends its text with U+2581 as a space, so the piece "▁" alone is b" ";
+    a byte-fallback piece `<0xNN>` the byte NN alone (a character may span several such pieces). Control
+    (bos, eos, pad), unknown and unused pieces are None.
+
+    Unlike here, `decode` drops the first piece's leading U+2581 when the model adds a dummy prefix or removes
+    extra whitespace (Llama-2-style models; not ours), with the latter also that of each next piece while the
+    text is still empty: there a text's first tokens decode without the space they append mid-text.
+    """
+    out: list[bytes | None] = [None] * vocab_size
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        piece = sp.id_to_piece(i)
+        out[i] = (bytes([int(piece[3:5], 16)]) if sp.is_byte(i)  # "<0xNN>"
+                  else piece.replace(_META_SPACE, " ").encode("utf-8"))
+    return out
+
+
 class SentencePieceTokenizer:
     """A trained SentencePiece model; `kind` is "sentencepiece-bpe" or "sentencepiece-unigram"."""
 
@@ -109,6 +130,11 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Drops pad/bos/eos: SentencePiece decodes control pieces to nothing."""
         return self._sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id appends to a text (research/tokenizer.py): see `piece_bytes`. Ours keep every
+        space in decode (no dummy prefix), so these also hold for a text's first token."""
+        return piece_bytes(self._sp, self.vocab_size)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

@@ -48,6 +48,17 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, dropping pad/bos/eos."""
 
+    def token_bytes(self) -> list[bytes | None]:
+        """For every id in range(vocab_size): the exact bytes the token appends to generated text when it
+        follows other generated tokens, or None for a token that must never be generated inside a constrained
+        output (bos, eos, pad, unk, control/special/added-special tokens, and ids past the real vocabulary
+        when vocab_size pads it).
+
+        A token may hold part of a UTF-8 character (byte-level BPE, byte fallback), so this is bytes, not
+        text. Where decode drops a space at the very start of a text (SentencePiece's dummy prefix, a
+        Hugging Face Strip or Metaspace decoder), the first token's bytes keep it: they describe the token
+        in the middle of a text."""
+
     def save(self, directory: Path) -> None:
         """Writes the tokenizer and its `tokenizer.json` so `load_tokenizer(directory)` works."""
 

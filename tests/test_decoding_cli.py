@@ -4,6 +4,7 @@ research.runs.load_run."""
 
 import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -82,8 +83,9 @@ def test_bad_flags_fail_with_one_line_before_the_run_is_loaded(tmp_path, capsys,
 ])
 def test_bad_arguments_for_the_run_fail_with_one_line(run_dir, capsys, args, message):
     status = main(["--checkpoint", str(run_dir[0]), "--prompt", "a", *args])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert out == ""  # the prompt is not echoed before the error
 
 
 def test_max_new_tokens_defaults_to_what_fits_the_context(run_dir, capsys):
@@ -187,7 +189,7 @@ def test_greedy_text_is_streamed_from_inside_the_loop(run_dir, capsys, monkeypat
 def test_text_stream_prints_each_character_once(run_dir, capsys):
     tokenizer = run_dir[3]
     ids = tokenizer.encode("naïve café ☕ done")
-    stream = TextStream(tokenizer)
+    stream = TextStream(tokenizer.decode)
     tokens = np.array([ids])
     for n in range(1, len(ids) + 1, 2):  # updates every other token, as `stream_every` would
         stream(tokens, np.array([n]))
@@ -201,3 +203,81 @@ def test_beam_search_prints_the_n_best(run_dir, capsys):
                  "--num-return", "2", "--max-new-tokens", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("--- 1: [score ") and lines[1].startswith("--- 2: [score ")
+
+
+DATE = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+
+
+@pytest.mark.parametrize("strategy", [["--strategy", "greedy"], ["--strategy", "sample", "--num-samples", "3"],
+                                      ["--strategy", "beam", "--num-beams", "3", "--num-return", "2"]])
+def test_regex_constrains_every_strategy(run_dir, capsys, strategy, tmp_path):
+    out = run_dir[0]
+    status = main(["--checkpoint", str(out), "--prompt", "Date: ", "--regex", DATE, "--max-new-tokens", "24",
+                   "--no-stream", "--cache-dir", str(tmp_path), *strategy])
+    stdout, stderr = capsys.readouterr()
+    assert stderr.startswith("constraint: ") and "token classes" in stderr
+    texts = [line.split("] ", 1)[-1] if line.startswith("--- ") else line for line in stdout.splitlines()]
+    texts = [t.split(": ", 1)[-1] if t.startswith("--- ") else t for t in texts]
+    assert texts and all(t.startswith("Date: ") for t in texts)
+    complete = [re.fullmatch(DATE, t[len("Date: "):]) is not None for t in texts]
+    assert status == (0 if all(complete) else 3)
+    assert stderr.count("incomplete") == complete.count(False)
+
+
+def test_an_unfinished_constraint_is_reported_with_exit_status_3(run_dir, capsys, tmp_path):
+    status = main(["--checkpoint", str(run_dir[0]), "--prompt", "Date: ", "--regex", DATE, "--max-new-tokens",
+                   "3", "--cache-dir", str(tmp_path)])
+    stderr = capsys.readouterr().err.splitlines()
+    assert status == 3
+    assert stderr[-1] == ("output 1: incomplete: --max-new-tokens=3 ran out before the constraint was matched")
+
+
+def test_json_schema_output_is_valid_json(run_dir, capsys, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    status = main(["--checkpoint", str(run_dir[0]), "--prompt", "{", "--json-schema", str(path),
+                   "--max-new-tokens", "30", "--no-stream", "--cache-dir", str(tmp_path)])
+    text = capsys.readouterr().out.strip()[1:]  # after the prompt
+    assert status == 0
+    value = json.loads(text)
+    assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 99 and isinstance(value["ok"], bool)
+
+
+def test_bad_regex_is_one_line_before_the_run_is_loaded(capsys, monkeypatch, tmp_path):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the run was loaded before the flags were checked")
+
+    monkeypatch.setattr("research.runs.load_run", not_reached)
+    status = main(["--checkpoint", str(tmp_path), "--prompt", "a", "--regex", "a("])
+    out, err = capsys.readouterr()
+    assert (status, out, err) == (2, "", "error: regex 'a(': not a valid regular expression (missing ), "
+                                         "unterminated subpattern at position 1)\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"type": "number", "multipleOf": 3}', "unsupported keyword 'multipleOf'"),
+    ("[1, 2", "not valid JSON"),
+    (None, "No such file or directory"),
+])
+def test_bad_json_schema_is_one_line_before_the_run_is_loaded(tmp_path, capsys, monkeypatch, content, message):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the run was loaded before the flags were checked")
+
+    monkeypatch.setattr("research.runs.load_run", not_reached)
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    status = main(["--checkpoint", str(tmp_path), "--prompt", "a", "--json-schema", str(path)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"error: --json-schema {path}: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_regex_and_json_schema_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", "x", "--prompt", "a", "--regex", "a", "--json-schema", "s.json"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("python -m decoding.generate: error: argument --json-schema: not "
+                                               "allowed with argument --regex")
