@@ -39,6 +39,8 @@ import re
 import re._parser as _re_parser  # the only parser of Python's regex syntax; used for `pattern`
 from fractions import Fraction
 
+from decoding import json_regex as rx
+
 
 class SchemaError(ValueError):
     """The schema uses something outside the supported subset, or is malformed."""
@@ -120,210 +122,6 @@ def supported_markdown() -> str:
     return "\n".join(lines)
 
 
-# ---- regex building blocks -------------------------------------------------------------------------------
-
-_META = set("\\.+*?()|[]{}^$#&-~")  # special to Rust or Python, in or out of classes; escaping is fine in both
-
-
-def _char(cp: int) -> str:
-    """One code point as a regex (inside or outside a class)."""
-    c = chr(cp)
-    if c in _META:
-        return "\\" + c
-    if 0x20 <= cp < 0x7F:
-        return c
-    if cp <= 0xFF:
-        return f"\\x{cp:02x}"
-    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
-
-
-def _literal(text: str) -> str:
-    return "".join(_char(ord(c)) for c in text)
-
-
-def _is_atom(regex: str) -> bool:
-    """Whether a quantifier may follow `regex` directly: one character, one escape, one class or one group."""
-    if len(regex) == 1 or (len(regex) == 2 and regex[0] == "\\"):
-        return True
-    if regex[0] not in "([":
-        return False
-    depth, in_class, i = 0, False, 0
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"  # we never nest classes: a "[" inside one is escaped
-        elif c == "[":
-            in_class = True
-        else:
-            depth += {"(": 1, ")": -1}.get(c, 0)
-        if depth == 0 and not in_class and i < len(regex) - 1:
-            return False  # the first class or group ends before the regex does
-        i += 1
-    return True
-
-
-def _alt(options: list[str]) -> str:
-    options = list(dict.fromkeys(options))
-    return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
-
-
-def _repeat(regex: str, lo: int, hi: int | None) -> str:
-    """`regex` repeated lo..hi times (hi None: unbounded)."""
-    if hi == 0:
-        return ""
-    if (lo, hi) == (1, 1):
-        return regex
-    quantifier = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((lo, hi))
-    if quantifier is None:
-        quantifier = f"{{{lo}}}" if lo == hi else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
-    return (regex if _is_atom(regex) else f"(?:{regex})") + quantifier
-
-
-# ---- sets of code points, and how JSON writes them inside strings ----------------------------------------
-
-_UNIVERSE = [(0, 0xD7FF), (0xE000, 0x10FFFF)]  # Unicode scalar values: what UTF-8 (and Rust's regex) can carry
-_MUST_ESCAPE = [(0, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]  # control characters, '"' and '\'
-_SHORT_ESCAPES = {0x22: '"', 0x5C: "\\", 0x08: "b", 0x09: "t", 0x0A: "n", 0x0C: "f", 0x0D: "r"}
-
-
-def _normalize(ranges) -> list[tuple[int, int]]:
-    merged = []
-    for lo, hi in sorted(ranges):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-def _intersect(a, b) -> list[tuple[int, int]]:
-    pairs = ((max(lo1, lo2), min(hi1, hi2)) for lo1, hi1 in a for lo2, hi2 in b)
-    return _normalize((lo, hi) for lo, hi in pairs if lo <= hi)
-
-
-def _complement(ranges) -> list[tuple[int, int]]:
-    gaps, start = [], 0
-    for lo, hi in _normalize(ranges):
-        if lo > start:
-            gaps.append((start, lo - 1))
-        start = hi + 1
-    return _intersect(gaps + [(start, 0x10FFFF)], _UNIVERSE)
-
-
-def _char_class(ranges) -> str:
-    """A regex for one code point of the (non-empty) `ranges`: the character itself, [...] or [^...]."""
-    if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-        return _char(ranges[0][0])
-
-    def items(rs):
-        return "".join(_char(lo) + ("" if lo == hi else "-" * (hi > lo + 1) + _char(hi)) for lo, hi in rs)
-
-    rest = _complement(ranges)
-    return f"[^{items(rest)}]" if rest and len(rest) < len(ranges) else f"[{items(ranges)}]"
-
-
-def _encode_chars(ranges) -> str:
-    """A regex for one character of `ranges` (non-empty) as json.dumps(ensure_ascii=False) writes it in a string."""
-    ranges = _intersect(ranges, _UNIVERSE)
-    options = []
-    plain = _intersect(ranges, _complement(_MUST_ESCAPE))
-    if plain:
-        options.append(_char_class(plain))
-    escaped = [cp for lo, hi in _intersect(ranges, _MUST_ESCAPE) for cp in range(lo, hi + 1)]
-    short = [cp for cp in escaped if cp in _SHORT_ESCAPES]
-    if short:
-        options.append(r"\\" + _char_class(_normalize((ord(_SHORT_ESCAPES[cp]),) * 2 for cp in short)))
-    others = [cp for cp in escaped if cp not in _SHORT_ESCAPES]
-    if others:
-        options.append(r"\\u00" + _alt([f"{cp:02x}" for cp in others]))
-    assert options, "no characters to encode"
-    return _alt(options)
-
-
-# ---- JSON tokens ------------------------------------------------------------------------------------------
-
-# One character of a JSON string, any way JSON may write it: a plain character, a short escape, a \u escape
-# of a non-surrogate, or a surrogate pair (one character, as json.loads and so jsonschema count it).
-_STRING_CHAR = (r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-Ce-fE-F][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2})'
-                r"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})")
-_STRING = f'"{_STRING_CHAR}*"'
-_CANONICAL_CHAR = _encode_chars(_UNIVERSE)  # one character as json.dumps(ensure_ascii=False) writes it
-_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+\-]?[0-9]+)?"
-_SCALARS = [_STRING, _NUMBER, "true", "false", "null"]
-
-_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001-9999, as Python's datetime
-_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
-_MONTH_DAY = (r"(?:(?:0[13578]|1[02])\-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)\-(?:0[1-9]|[12][0-9]|30)"
-              r"|02\-(?:0[1-9]|1[0-9]|2[0-8]))")
-_DATE = rf"(?:{_YEAR}\-{_MONTH_DAY}|{_LEAP_YEAR}\-02\-29)"
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:Z|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-_ATEXT = r"[0-9A-Za-z!\#$%\&'*+/=?^_`{|}\~\-]"
-_LABEL = r"[0-9A-Za-z](?:[0-9A-Za-z\-]*[0-9A-Za-z])?"
-FORMATS = {  # format -> (regex of the string's content, what it accepts)
-    "date": (_DATE, "RFC 3339 full-date YYYY-MM-DD, years 0001-9999, calendar-exact (month lengths, Gregorian "
-                    "leap years)"),
-    "time": (_TIME, "RFC 3339 full-time HH:MM:SS, optional 1-9 fraction digits, then Z or +HH:MM/-HH:MM; "
-                    "no leap second (Python's datetime has none), upper-case Z only"),
-    "date-time": (rf"{_DATE}T{_TIME}", "date, upper-case T, time"),
-    "email": (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_LABEL}(?:\.{_LABEL})+",
-              "RFC 5321 dot-atom local part @ a domain of two or more ASCII labels (no quoted local parts, no IP "
-              "literals, no length limits)"),
-    "uuid": (r"[0-9a-f]{8}\-[0-9a-f]{4}\-[0-9a-f]{4}\-[0-9a-f]{4}\-[0-9a-f]{12}",
-             "8-4-4-4-12 lower-case hex digits, any version (RFC 9562 writes lower case)"),
-}
-
-
-def integer_regex(lo: int | None = None, hi: int | None = None) -> str:
-    """The integers n with lo <= n <= hi (None: unbounded), in JSON's decimal form."""
-    if lo is None and hi is None:
-        return "(?:0|-?[1-9][0-9]*)"
-    options = []
-    if lo is None or lo < 0:  # negatives: "-" then the magnitudes max(1, -hi) .. -lo
-        neg_hi = -1 if hi is None else min(hi, -1)
-        if lo is None or lo <= neg_hi:
-            options.append("-" + _natural_regex(-neg_hi, None if lo is None else -lo))
-    if hi is None or hi >= 0:
-        options.append(_natural_regex(0 if lo is None else max(lo, 0), hi))
-    return _alt(options)
-
-
-def _natural_regex(lo: int, hi: int | None) -> str:
-    """The naturals lo..hi (hi None: unbounded), without leading zeros: one same-length range per digit count,
-    longest first (the module docstring says why)."""
-    if hi is None:  # anything longer than lo, then up to the largest number as long as lo
-        digits = len(str(lo))
-        return _alt([f"[1-9][0-9]{{{digits},}}", _natural_regex(lo, 10**digits - 1)])
-    options = []
-    for digits in range(len(str(hi)), len(str(lo)) - 1, -1):
-        first = 0 if digits == 1 else 10 ** (digits - 1)
-        options.append(_same_length_regex(str(max(lo, first)), str(min(hi, 10**digits - 1))))
-    return _alt(options)
-
-
-def _same_length_regex(lo: str, hi: str) -> str:
-    """The decimal strings lo..hi (lo <= hi, same length), by their first digit."""
-    if lo == hi:
-        return lo
-    if lo[0] == hi[0]:
-        return lo[0] + _same_length_regex(lo[1:], hi[1:])
-    n = len(lo) - 1
-    # first digits whose every continuation is in range; lo[0] and hi[0] only if lo/hi are ...000 / ...999
-    first = int(lo[0]) + (lo[1:] != "0" * n)
-    last = int(hi[0]) - (hi[1:] != "9" * n)
-    options = []
-    if first > int(lo[0]):
-        options.append(lo[0] + _same_length_regex(lo[1:], "9" * n))
-    if first <= last:
-        digit = str(first) if first == last else f"[{first}-{last}]"
-        options.append(digit + _repeat("[0-9]", n, n))
-    if last < int(hi[0]):
-        options.append(hi[0] + _same_length_regex("0" * n, hi[1:]))
-    return _alt(options)
-
-
 # ---- pattern: a regex over decoded characters -> a regex over JSON's encoding of them --------------------
 
 _LINE_TERMINATORS = [(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]  # what ECMA-262's "." excludes
@@ -331,9 +129,9 @@ _ECMA_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x20
                (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)]
 _ECMA_WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
 _CATEGORIES = {  # ECMA-262 meanings (ASCII \d and \w), not Python's Unicode ones
-    _re_parser.CATEGORY_DIGIT: [(0x30, 0x39)], _re_parser.CATEGORY_NOT_DIGIT: _complement([(0x30, 0x39)]),
-    _re_parser.CATEGORY_SPACE: _ECMA_SPACE, _re_parser.CATEGORY_NOT_SPACE: _complement(_ECMA_SPACE),
-    _re_parser.CATEGORY_WORD: _ECMA_WORD, _re_parser.CATEGORY_NOT_WORD: _complement(_ECMA_WORD),
+    _re_parser.CATEGORY_DIGIT: [(0x30, 0x39)], _re_parser.CATEGORY_NOT_DIGIT: rx.complement([(0x30, 0x39)]),
+    _re_parser.CATEGORY_SPACE: _ECMA_SPACE, _re_parser.CATEGORY_NOT_SPACE: rx.complement(_ECMA_SPACE),
+    _re_parser.CATEGORY_WORD: _ECMA_WORD, _re_parser.CATEGORY_NOT_WORD: rx.complement(_ECMA_WORD),
 }
 _BEGIN = ((_re_parser.AT, _re_parser.AT_BEGINNING), (_re_parser.AT, _re_parser.AT_BEGINNING_STRING))
 _END = ((_re_parser.AT, _re_parser.AT_END), (_re_parser.AT, _re_parser.AT_END_STRING))
@@ -359,43 +157,43 @@ def _pattern_regex(pattern, path: str) -> str:
         return "".join(item(op, av) for op, av in items)
 
     def chars(ranges) -> str:
-        if not _intersect(ranges, _UNIVERSE):
+        if not rx.intersect(ranges, rx.UNIVERSE):
             raise SchemaError(f"{path}: pattern {pattern!r} has a character class that matches nothing")
-        return _encode_chars(ranges)
+        return rx.encode_chars(ranges)
 
     def item(op, av) -> str:
         if op is _re_parser.LITERAL:
             return chars([(av, av)])
         if op is _re_parser.NOT_LITERAL:
-            return chars(_complement([(av, av)]))
+            return chars(rx.complement([(av, av)]))
         if op is _re_parser.ANY:
-            return chars(_complement(_LINE_TERMINATORS))
+            return chars(rx.complement(_LINE_TERMINATORS))
         if op is _re_parser.IN:
             ranges = [r for o, a in av for r in ([(a, a)] if o is _re_parser.LITERAL else [a] if o is _re_parser.RANGE
                                                  else _CATEGORIES[a] if o is _re_parser.CATEGORY else [])]
-            return chars(_complement(ranges) if av[0][0] is _re_parser.NEGATE else _normalize(ranges))
+            return chars(rx.complement(ranges) if av[0][0] is _re_parser.NEGATE else rx.normalize(ranges))
         if op is _re_parser.BRANCH:
-            return _alt([sequence(alternative) for alternative in av[1]])
+            return rx.alt([sequence(alternative) for alternative in av[1]])
         if op is _re_parser.SUBPATTERN:
             if av[1] or av[2]:
                 raise SchemaError(f"{path}: pattern {pattern!r}: inline flags are unsupported")
             return f"(?:{sequence(av[3])})"
         if op in (_re_parser.MAX_REPEAT, _re_parser.MIN_REPEAT):  # laziness does not change what matches
             lo, hi, sub = av
-            return _repeat(sequence(sub), lo, None if hi is _re_parser.MAXREPEAT else hi)
+            return rx.repeat(sequence(sub), lo, None if hi is _re_parser.MAXREPEAT else hi)
         feature = _PATTERN_FEATURES.get(str(op), str(op))
         raise SchemaError(f"{path}: pattern {pattern!r} uses unsupported {feature}")
 
     items = list(parsed)
     top = [list(a) for a in items[0][1][1]] if len(items) == 1 and items[0][0] is _re_parser.BRANCH else [items]
-    anywhere = _repeat(_STRING_CHAR, 0, None)
+    anywhere = rx.repeat(rx.STRING_CHAR, 0, None)
     options = []
     for alternative in top:
         begins = bool(alternative) and alternative[0] in _BEGIN
         ends = len(alternative) > begins and alternative[-1] in _END
         body = sequence(alternative[begins:len(alternative) - ends])
         options.append(("" if begins else anywhere) + body + ("" if ends else anywhere))
-    return _alt(options)
+    return rx.alt(options)
 
 
 # ---- schemas ----------------------------------------------------------------------------------------------
@@ -506,7 +304,7 @@ class _Compiler:
         if "anyOf" in schema:
             rest = _siblings(schema, "anyOf")
             branches = self.subschemas(schema, "anyOf", path)
-            return _alt([self.compile(_merge(rest, b, f"{path}.anyOf[{i}]"), f"{path}.anyOf[{i}]")
+            return rx.alt([self.compile(_merge(rest, b, f"{path}.anyOf[{i}]"), f"{path}.anyOf[{i}]")
                          for i, b in enumerate(branches)])
         if "enum" in schema or "const" in schema:
             return self.enum(schema, path)
@@ -516,7 +314,7 @@ class _Compiler:
             types = list(dict.fromkeys(_KEYWORD_TYPES[k] for k in schema if k in _KEYWORD_TYPES))
             if not types:
                 return self.any_value(ANY_VALUE_DEPTH)
-        return _alt([getattr(self, t)(schema, path) for t in types])
+        return rx.alt([getattr(self, t)(schema, path) for t in types])
 
     @staticmethod
     def subschemas(schema: dict, key: str, path: str) -> list:
@@ -560,17 +358,17 @@ class _Compiler:
             values = [v for v in values if _json_types(v) & set(types)]
         if not values:
             raise SchemaError(f"{path}: no 'enum'/'const' value satisfies the schema")
-        # longest first (see _natural_regex): enum [1, 12] must not lose 12 at the top level
-        return _alt(sorted((_literal(_dumps(v, path)) for v in values), key=len, reverse=True))
+        # longest first (see rx.natural_regex): enum [1, 12] must not lose 12 at the top level
+        return rx.alt(sorted((rx.literal(_dumps(v, path)) for v in values), key=len, reverse=True))
 
     def any_value(self, depth: int) -> str:
         """Any JSON value whose containers nest at most `depth` deep."""
         if depth not in self.any_values:
-            options = list(_SCALARS)
+            options = list(rx.SCALARS)
             if depth > 0:
                 inner = self.any_value(depth - 1)
-                options += [self.object_regex([], (_STRING, inner)), self.array_regex(inner, 0, None)]
-            self.any_values[depth] = _alt(options)
+                options += [self.object_regex([], (rx.STRING, inner)), self.array_regex(inner, 0, None)]
+            self.any_values[depth] = rx.alt(options)
         return self.any_values[depth]
 
     def object_regex(self, members: list[tuple[str, bool]], extra: tuple[str, str] | None) -> str:
@@ -583,26 +381,26 @@ class _Compiler:
             if previous is None:
                 current = regex
             elif required:
-                current = (_repeat(previous + sep, 0, 1) if may_be_empty else previous + sep) + regex
+                current = (rx.repeat(previous + sep, 0, 1) if may_be_empty else previous + sep) + regex
             else:
-                current = previous + _repeat(sep + regex, 0, 1)
-                current = _alt([current, regex]) if may_be_empty else current
+                current = previous + rx.repeat(sep + regex, 0, 1)
+                current = rx.alt([current, regex]) if may_be_empty else current
             previous, may_be_empty = current, may_be_empty and not required
         if extra is not None:
             name, value = extra
             pair = f"{name}{self.ws}:{self.ws}{value}"
-            head = pair if previous is None else _alt([previous, pair]) if may_be_empty else previous
-            previous = head + _repeat(sep + pair, 0, None)
+            head = pair if previous is None else rx.alt([previous, pair]) if may_be_empty else previous
+            previous = head + rx.repeat(sep + pair, 0, None)
         if previous is None:
             return rf"\{{{self.ws}\}}"
-        body = _repeat(previous + self.ws, 0, 1) if may_be_empty else previous + self.ws
+        body = rx.repeat(previous + self.ws, 0, 1) if may_be_empty else previous + self.ws
         return rf"\{{{self.ws}{body}\}}"
 
     def array_regex(self, item: str, lo: int, hi: int | None) -> str:
         if hi == 0:
             return rf"\[{self.ws}\]"
-        items = item + _repeat(f"{self.ws},{self.ws}{item}", max(lo - 1, 0), None if hi is None else hi - 1)
-        return rf"\[{self.ws}" + (_repeat(items + self.ws, 0, 1) if lo == 0 else items + self.ws) + r"\]"
+        items = item + rx.repeat(f"{self.ws},{self.ws}{item}", max(lo - 1, 0), None if hi is None else hi - 1)
+        return rf"\[{self.ws}" + (rx.repeat(items + self.ws, 0, 1) if lo == 0 else items + self.ws) + r"\]"
 
     # one method per JSON type, called by name
 
@@ -621,7 +419,7 @@ class _Compiler:
             if subschema is False and name not in required:
                 continue  # may never be present
             value = self.compile(subschema, f"{path}.properties.{name}")
-            members.append((f'"{_literal(_dumps(name, path)[1:-1])}"{self.ws}:{self.ws}{value}', name in required))
+            members.append((f'"{rx.literal(_dumps(name, path)[1:-1])}"{self.ws}:{self.ws}{value}', name in required))
         additional = schema.get("additionalProperties", not properties)
         extra = None
         if additional is not False:
@@ -643,15 +441,15 @@ class _Compiler:
             raise SchemaError(f"{path}: {given[0]!r} cannot be combined with {given[1]!r} "
                               "(a regex cannot intersect them)")
         if "format" in schema:
-            if schema["format"] not in FORMATS:
-                raise SchemaError(f"{path}: unsupported format {schema['format']!r} (supported: {', '.join(FORMATS)})")
-            return f'"{FORMATS[schema["format"]][0]}"'
+            if schema["format"] not in rx.FORMATS:
+                raise SchemaError(f"{path}: unsupported format {schema['format']!r} (supported: {', '.join(rx.FORMATS)})")
+            return f'"{rx.FORMATS[schema["format"]][0]}"'
         if "pattern" in schema:
             return f'"{_pattern_regex(schema["pattern"], path)}"'
         lo, hi = _count(schema, "minLength", path) or 0, _count(schema, "maxLength", path)
         if hi is not None and lo > hi:
             raise SchemaError(f"{path}: 'minLength' {lo} exceeds 'maxLength' {hi}")
-        return f'"{_repeat(_STRING_CHAR, lo, hi)}"'
+        return f'"{rx.repeat(rx.STRING_CHAR, lo, hi)}"'
 
     def integer(self, schema: dict, path: str) -> str:
         lows = [math.ceil(b) for b in _bound(schema, "minimum", path)]
@@ -661,14 +459,14 @@ class _Compiler:
         lo, hi = max(lows, default=None), min(highs, default=None)
         if lo is not None and hi is not None and lo > hi:
             raise SchemaError(f"{path}: no integer lies within the bounds")
-        return integer_regex(lo, hi)
+        return rx.integer_regex(lo, hi)
 
     def number(self, schema: dict, path: str) -> str:
         for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             if key in schema:
                 raise SchemaError(f"{path}: {key!r} on type 'number' is unsupported "
                                   "(bounds are only supported on integers)")
-        return _NUMBER
+        return rx.NUMBER
 
     def boolean(self, schema: dict, path: str) -> str:
         return "(?:true|false)"
@@ -690,7 +488,7 @@ def _string_except(names: list[str]) -> str:
     Walks the trie of the names: at each node, stop (if no name ends there), leave the trie with a
     character no name continues with, or follow a name's next character."""
     if not names:
-        return _STRING
+        return rx.STRING
     trie: dict = {}
     for name in names:
         node = trie
@@ -700,9 +498,9 @@ def _string_except(names: list[str]) -> str:
 
     def rest(node: dict) -> str:
         children = [c for c in node if c is not None]
-        leave = _encode_chars(_complement([(ord(c), ord(c)) for c in children])) + _repeat(_CANONICAL_CHAR, 0, None)
-        body = _alt([leave] + [_encode_chars([(ord(c), ord(c))]) + rest(node[c]) for c in children])
-        return body if None in node else _repeat(body, 0, 1)
+        leave = rx.encode_chars(rx.complement([(ord(c), ord(c)) for c in children])) + rx.repeat(rx.CANONICAL_CHAR, 0, None)
+        body = rx.alt([leave] + [rx.encode_chars([(ord(c), ord(c))]) + rest(node[c]) for c in children])
+        return body if None in node else rx.repeat(body, 0, 1)
 
     return f'"{rest(trie)}"'
 

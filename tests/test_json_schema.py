@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 
 from decoding.constraint import compile_regex
-from decoding.json_schema import FORMATS, SUPPORTED, SchemaError, schema_to_regex, supported_markdown
+from decoding.json_regex import FORMATS
+from decoding.json_schema import SUPPORTED, SchemaError, schema_to_regex, supported_markdown
 
 # jsonschema checks date-time and time only with the optional rfc3339-validator package: check them with
 # Python's datetime instead, after an RFC 3339 shape check (fromisoformat alone accepts other ISO 8601 forms).
