@@ -3,6 +3,7 @@ distribution, and every output of a random-weight model (the harshest adversary:
 matching its pattern under greedy, sampling and beam search, several constraints in one batch."""
 
 import itertools
+import json
 import re
 
 import jax
@@ -189,3 +190,37 @@ def test_compiled_automata_are_cached(tmp_path):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     other = compile_regex(PATTERNS[0], VOCAB[:-1] + [b"q"], CFG.vocab_size, eos_id=EOS, cache_dir=tmp_path)
     assert not other.cached  # another vocabulary, another key
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"id": {"type": "integer", "minimum": -50, "maximum": 50},
+                                      "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1,
+                                               "maxItems": 3}},
+     "required": ["id"], "additionalProperties": False},  # optional property, bounded array of enums
+    {"anyOf": [{"type": "boolean"}, {"type": "null"}, {"type": "string", "minLength": 2, "maxLength": 4}]},
+    {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                         "required": ["x", "y"], "additionalProperties": False}},
+     "type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 2},  # $ref, nested objects in an array
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"},
+                                      "ok": {"type": "boolean"}}, "required": ["when", "ok"]},
+]
+
+
+def test_schema_outputs_validate_with_jsonschema(params):
+    """200 samples per schema from the random-weight model: every complete output parses and validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from decoding.json_schema import schema_to_regex
+
+    automata = [compile_regex(schema_to_regex(s), VOCAB, CFG.vocab_size, eos_id=EOS) for s in SCHEMAS]
+    which = np.arange(len(automata))
+    sampler, sampling = make_sampler(len(which), "sample", temperature=1.0)
+    out = generate(params, CFG, *prompts(len(which)), jax.random.key(5), max_new_tokens=64, sampler=sampler,
+                   sampling=sampling, processors=(constrain(automata, (EOS,), which=which),), stop_tokens=(EOS,),
+                   pad_id=PAD, num_samples=200)
+    tokens, lengths, complete = map(np.asarray, (out.tokens, out.lengths, out.complete))
+    for k, schema in enumerate(SCHEMAS):
+        assert complete[k].mean() > 0.5, (k, complete[k].mean())
+        for n in np.flatnonzero(complete[k]):
+            jsonschema.validate(json.loads(text_of(tokens[k, n], lengths[k, n])), schema)
+        for n in np.flatnonzero(~complete[k]):  # ran out of tokens: a valid prefix, never passed off as valid
+            assert automata[k].check(tokens[k, n, :lengths[k, n]].tolist(), [EOS]) == "prefix"
