@@ -30,6 +30,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +42,7 @@ import outlines_core
 
 from decoding.steps import is_stop, stop_array
 
-NEVER = 0  # the token class that no state allows
+CACHE_VERSION = 1  # part of the cache key: bump when the tables' meaning changes
 
 
 class ConstraintError(ValueError):
@@ -115,10 +116,10 @@ def compile_regex(pattern: str, token_bytes: Sequence[bytes | None], vocab_size:
                               f"vocab_size={vocab_size}")
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha256(f"{pattern}\0{vocabulary_hash(token_bytes, eos_id)}\0{vocab_size}".encode())
-        cache = Path(cache_dir) / "automata" / f"{key.hexdigest()[:24]}.npz"
-        if cache.is_file():
-            automaton = _load(cache, pattern)
+        key = f"{CACHE_VERSION}\0{pattern}\0{vocabulary_hash(token_bytes, eos_id)}\0{vocab_size}"
+        cache = Path(cache_dir) / "automata" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+        automaton = _load(cache, pattern) if cache.is_file() else None
+        if automaton is not None:
             _check_budget(automaton, budget)
             return automaton
     start = time.perf_counter()
@@ -273,13 +274,17 @@ def _save(path: Path, automaton: Automaton) -> None:
     os.replace(tmp, path)
 
 
-def _load(path: Path, pattern: str) -> Automaton:
-    with np.load(path) as data:
-        meta = json.loads(data["meta"].tobytes())
-        if meta["pattern"] != pattern:  # a hash collision, in principle
-            raise ConstraintError(f"{path}: cached for another pattern; delete it")
-        return Automaton(pattern, data["next_state"], data["token_class"], data["accepting"],
-                         meta["compile_seconds"], cached=True)
+def _load(path: Path, pattern: str) -> Automaton | None:
+    """The cached automaton, or None when the file is unreadable or holds another pattern (then it is rebuilt)."""
+    try:
+        with np.load(path) as data:
+            meta = json.loads(data["meta"].tobytes())
+            if meta["pattern"] != pattern:  # a hash collision, in principle
+                return None
+            return Automaton(pattern, data["next_state"], data["token_class"], data["accepting"],
+                             meta["compile_seconds"], cached=True)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a truncated or foreign file: compile again
+        return None
 
 
 @flax.struct.dataclass

@@ -190,6 +190,11 @@ def test_compiled_automata_are_cached(tmp_path):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     other = compile_regex(PATTERNS[0], VOCAB[:-1] + [b"q"], CFG.vocab_size, eos_id=EOS, cache_dir=tmp_path)
     assert not other.cached  # another vocabulary, another key
+    for path in (tmp_path / "automata").iterdir():
+        path.write_bytes(path.read_bytes()[:100])  # a damaged cache file is rebuilt, not trusted
+    rebuilt = compile_regex(PATTERNS[0], VOCAB, CFG.vocab_size, eos_id=EOS, cache_dir=tmp_path)
+    assert not rebuilt.cached
+    np.testing.assert_array_equal(rebuilt.next_state, first.next_state)
 
 
 SCHEMAS = [
