@@ -24,8 +24,7 @@ from models.blocked_attention import causal_attention, grouped, ungrouped
 from models.config import ModelConfig, resolve_attention_impl
 from models.kernels import cpu
 from models.kernels.cpu.attention import fused_causal_attention
-from models.kernels.decode_attention import decode_attention
-from models.kernels.flash_attention import flash_attention
+from models.kernels.sharded import sharded_decode_attention, sharded_flash_attention
 from models.kv_cache import KVCache
 from models.linear import linear
 from models.rope import apply_rope, rope_inverse_frequencies
@@ -115,12 +114,13 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     """The Pallas kernels (`models/kernels/`): split-K decode for one new token over a cache, flash otherwise.
 
     Shapes as in `masked_attention`. With a cache, slot s holds position s, as the decode kernel assumes.
-    On CPU the kernels run in interpret mode (slow: for tests).
+    Under a mesh each device runs them on its batch rows and heads (`kernels/sharded.py`). On CPU the
+    kernels run in interpret mode (slow: for tests).
     """
     if q.shape[1] == 1 and kv_lengths is not None:
-        out = decode_attention(q[:, 0], k, v, kv_lengths, q_positions[:, 0], sliding_window=sliding_window)
+        out = sharded_decode_attention(q[:, 0], k, v, kv_lengths, q_positions[:, 0], sliding_window=sliding_window)
         return out[:, None]
-    return flash_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window=sliding_window)
+    return sharded_flash_attention(q, k, v, q_positions, kv_positions, kv_lengths, sliding_window=sliding_window)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,

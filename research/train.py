@@ -4,6 +4,12 @@
 
 Writes to DIR: run.json (resolved config, git commit, versions, seed, devices), metrics.jsonl (one
 record per step, plus eval records), checkpoints/ (orbax), tokenizer/, and summary.json at the end.
+
+As one of several processes (research/launch.py locally; a cluster's scheduler elsewhere; flags or
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): every process computes, each feeds only
+its own devices' shards of the batch, and process 0 alone builds the tokenizer (the others wait, then
+read it from data.cache_dir), writes the files above and prints. DIR and data.cache_dir must be on a file
+system every process sees; orbax writes each process's shards and commits the checkpoint once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from decoding.generate import check_prompt, generate
@@ -30,7 +38,8 @@ from research.config import TrainConfig, apply_overrides, to_dict
 from research.data import DataError
 from research.flops import measure_matmul_peak, train_flops_per_token
 from research.input_pipeline import build_datasets
-from research.mesh import make_mesh, maybe_initialize_distributed, put_batch
+from research.mesh import (barrier, from_main_process, initialize_distributed, is_main_process, make_mesh,
+                           put_batch)
 from research.metrics import perplexity
 from research.run_record import run_record, write_json_atomic
 from research.train_step import Steps, TrainState, build_steps
@@ -46,7 +55,7 @@ QUANTITIES = {"loss": "loss", "total_loss": "loss with auxiliary losses", "grad_
               "param_norm": "parameter norm"}
 
 
-def divergence(step: int, metrics: dict[str, Any], state: TrainState) -> str:
+def divergence(step: int, metrics: dict[str, Any], state: TrainState, mesh: Mesh) -> str:
     """What went non-finite at `step`, in one line; for the parameters, which ones."""
     bad = [k for k in [*QUANTITIES, *sorted(metrics)] if k in metrics and not np.isfinite(metrics[k]).all()]
     name = bad[0]
@@ -54,9 +63,11 @@ def divergence(step: int, metrics: dict[str, Any], state: TrainState) -> str:
     if name != "loss":
         what += f" (loss {float(metrics['loss']):.4g})"
     if name == "param_norm":  # which arrays, as of the newest state (a later step: NaNs spread as it trains)
-        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
-        names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, leaf in leaves
-                 if not np.isfinite(leaf).all()]
+        # Reduced where the parameters live, to one replicated flag per array: works across processes.
+        finite = jax.jit(lambda p: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p),
+                         out_shardings=NamedSharding(mesh, PartitionSpec()))(state.params)
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(finite))[0]
+        names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, ok in leaves if not ok]
         what += (f"; at step {int(state.step)}, {len(names)} of {len(leaves)} parameter arrays are non-finite: "
                  + ", ".join(names[:3]) + (" ..." if len(names) > 3 else ""))
     return what
@@ -86,16 +97,23 @@ def check_out_dir(out: Path, need_bytes: int) -> None:
         raise ConfigError(f"--out {out}: {free / 1e6:.1f} MB free, a checkpoint needs about {need_bytes / 1e6:.1f} MB")
 
 
+# A resumed run may change where it pauses, and how it is laid out over devices: orbax reshards the
+# checkpoint onto the new mesh, and the math is the same up to the order of float sums.
+RESUMABLE_CHANGES = ("stop_after", "mesh")
+
+
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    # stop_after only says where to pause, so a resumed run may change it.
-    return {k: v for k, v in cfg_dict.items() if k != "stop_after"}
+    return {k: v for k, v in cfg_dict.items() if k not in RESUMABLE_CHANGES}
 
 
 class MetricsLog:
-    """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step."""
+    """Appends JSON records to metrics.jsonl; on resume, drops records past the restored step. Only the main
+    process writes (`enabled`); the others' logs do nothing, so each record appears once."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self._file = path, None
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line and json.loads(line).get("step", 0) <= resume_step]
@@ -107,13 +125,16 @@ class MetricsLog:
         self._file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def evaluate(steps: Steps, state: TrainState, dataset, max_batches: int) -> dict[str, float]:
@@ -142,23 +163,30 @@ def _setup(cfg: TrainConfig, out: Path, resume: bool):
         saved = json.loads(record_path.read_text())["config"]
         if _comparable(saved) != _comparable(to_dict(cfg)):
             diff = sorted(k for k in set(saved) | set(to_dict(cfg))
-                          if k != "stop_after" and saved.get(k) != to_dict(cfg).get(k))
+                          if k not in RESUMABLE_CHANGES and saved.get(k) != to_dict(cfg).get(k))
             raise ConfigError(f"--resume: config differs from the run in {out} (in {', '.join(diff)})")
-    tokenizer, train_data, val_data = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
+    main = is_main_process()
+    if main:  # the tokenizer and token caches are built once (cache_dir must be shared), then read by all
+        datasets = build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
+    barrier("datasets")
+    tokenizer, train_data, val_data = datasets if main else build_datasets(cfg.data, cfg.model.vocab_size, cfg.seed)
     mesh = make_mesh(cfg.mesh)
     steps = build_steps(cfg, mesh)
     check_out_dir(out, state_bytes(steps.abstract_state))
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     try:
-        if resume:
+        start_step = None
+        if resume and main:  # verifies, and moves failing checkpoints aside: once, then every process agrees
             start_step = ckpt.latest_verified(report=lambda line: print(line, file=sys.stderr))
-        elif ckpt.all_steps():
+        elif not resume and ckpt.all_steps():
             raise ConfigError(f"--out {out} already holds checkpoints {ckpt.all_steps()}: pass --resume or pick "
                               "a new --out")
-        else:
-            start_step = None
+        if resume:
+            found = int(from_main_process(-1 if start_step is None else start_step))
+            start_step = None if found < 0 else found
         state = steps.init() if start_step is None else ckpt.restore(start_step, steps.abstract_state)
-        tokenizer.save(out / "tokenizer")
+        if main:
+            tokenizer.save(out / "tokenizer")
     except BaseException:
         ckpt.close()
         raise
@@ -176,33 +204,36 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
     try:
         tokenizer, train_data, val_data, steps, ckpt, start_step, state = _setup(cfg, out, resume)
     except BaseException:
-        if created:
+        if created and is_main_process():
             shutil.rmtree(out, ignore_errors=True)
         raise
-    peak = measure_matmul_peak(cfg.model.dtype)
+    main = is_main_process()
+    peak = float(from_main_process(measure_matmul_peak(cfg.model.dtype)))  # one peak, so one MFU, everywhere
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    write_json_atomic(out / "run.json", run_record(
-        to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
-        # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
-        implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
-        param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),
-        val_tokens=int(val_data.tokens.size)))
-    log = MetricsLog(out / "metrics.jsonl", start_step)
+    if main:
+        write_json_atomic(out / "run.json", run_record(
+            to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
+            # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
+            implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
+            param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),
+            val_tokens=int(val_data.tokens.size)))
+    log = MetricsLog(out / "metrics.jsonl", start_step, enabled=main)
 
     first = int(state.step)
     last = min(cfg.steps, cfg.stop_after or cfg.steps)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     timer_step, timer = first, time.perf_counter()
     throughput: dict[str, float] = {}
-    bar = tqdm(total=cfg.steps, initial=first, disable=not progress or None, desc=cfg.name, file=sys.stderr)
+    bar = tqdm(total=cfg.steps, initial=first, disable=not (progress and main) or None, desc=cfg.name,
+               file=sys.stderr)
 
     def flush(step: int) -> None:
         """Fetches pending metrics, checks they are finite, logs them with throughput and MFU."""
         nonlocal pending, timer_step, timer, throughput
         for s, metrics in jax.device_get(pending):
             if not all(np.isfinite(v).all() for v in metrics.values()):
-                what = divergence(s, metrics, state)
+                what = divergence(s, metrics, state, steps.mesh)
                 ckpt.wait()  # a save in flight holds an earlier, finite state: let it count as good
                 where = f"step {ckpt.last_good} in {ckpt.directory}" if ckpt.last_good is not None else "none"
                 raise DivergedError(f"{what}; last good checkpoint: {where}")
@@ -233,7 +264,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
                 flush(done)
                 ev = evaluate(steps, state, val_data, cfg.eval_batches)
                 log.write({"step": done, **ev})
-                bar.write(f"step {done}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
+                if main:
+                    bar.write(f"step {done}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == last:
                 flush(done)  # only finite states are saved
                 ckpt.save(done, state)
@@ -252,9 +284,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
 
     summary: dict[str, Any] = {"step": int(state.step), **throughput, **evaluate(steps, state, val_data,
                                                                                   cfg.eval_batches)}
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and jax.process_count() == 1:  # decoding reads the params on one host
         summary["sample"] = sample_text(cfg, state.params, tokenizer)
-    write_json_atomic(out / "summary.json", summary)
+    if main:
+        write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -266,6 +299,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run directory (default runs/<config>)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("multi-process runs (default: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                                      "JAX_PROCESS_ID, or what jax detects on SLURM / TPU slices)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -281,15 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.overrides)
-        maybe_initialize_distributed()
+        several = initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         summary = train(cfg, args.out or f"runs/{cfg.name}", args.resume, progress=not args.no_progress)
     except (ConfigError, DataError, DivergedError, CheckpointError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        where = f"[process {jax.process_index()}] " if jax.distributed.is_initialized() else ""
+        print(f"{where}error: {err}", file=sys.stderr)
+        if jax.distributed.is_initialized():  # leave now: a clean shutdown would wait for peers that wait for us
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
-    print(f"final: val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
-          f"tokens/s {summary.get('tokens_per_s', 0):,.0f}  MFU {100 * summary.get('mfu', 0):.1f}%")
-    if "sample" in summary:
-        print(f"sample: {summary['sample']!r}")
+    if is_main_process():
+        print(f"final: val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
+              f"tokens/s {summary.get('tokens_per_s', 0):,.0f}  MFU {100 * summary.get('mfu', 0):.1f}%"
+              + (f"  ({jax.process_count()} processes)" if several else ""))
+        if "sample" in summary:
+            print(f"sample: {summary['sample']!r}")
     return 0
 
 
