@@ -7,6 +7,7 @@
   tiny-moe   tiny with 8 top-1 experts per block (Switch-style); trains on CPU in a minute or two
   mixtral-22m Mixtral's architecture (8 experts, top-2, dropless, SwiGLU, GQA) at the CPU benchmark shape
   micro-moe  the routing-collapse study's base: 2 blocks of 8 top-1 experts, dropless, no balancing
+  deep-24    24 narrow blocks (d_model 256): where scanning the blocks (model.scan_layers) pays off in compile time
 """
 
 from __future__ import annotations
@@ -98,6 +99,18 @@ def micro_moe() -> TrainConfig:
         steps=300, log_every=25, eval_every=300, eval_batches=8, checkpoint_every=100, sample_tokens=0)
 
 
+def deep_24() -> TrainConfig:
+    """Deep and narrow (~18M parameters), so that tracing and compiling 24 blocks dominates a step's cost on
+    CPU: experiments/benchmark_compile.py times it with the blocks looped and scanned."""
+    return TrainConfig(
+        name="deep-24",
+        model=ModelConfig(vocab_size=2048, d_model=256, num_layers=24, num_heads=4, num_kv_heads=2, d_ff=688,
+                          max_seq_len=256),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=128, batch_size=8),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=50),
+        steps=600, log_every=20, eval_every=200, eval_batches=4, checkpoint_every=200)
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "smoke": smoke,
     "tiny": tiny,
@@ -106,6 +119,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tiny-moe": tiny_moe,
     "mixtral-22m": mixtral_22m,
     "micro-moe": micro_moe,
+    "deep-24": deep_24,
 }
 
 

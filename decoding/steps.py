@@ -3,6 +3,13 @@ and the input checks and stop tokens both loops share.
 
 What must happen once before the loop (weights cast to the compute dtype, or packed for the CPU kernel)
 is `models.transformer.prepare_params`, a transform of the params pytree: the step itself is `model.apply`.
+
+Decoding always runs the loop layout (models/layers.py): a scanned model's params are unstacked once, by
+`prefill` and by `prepare_params`, and both steps apply `loop_config(cfg)`. The KV cache stays a tuple of
+per-layer pytrees, which the loops update, reorder and share by slot layer by layer; under a scan it would
+have to be stacked [L, ...] and threaded through the scan as inputs and outputs, and scanning buys nothing
+here: it saves the train step's compile time and activations, while a decode program is one small step.
+Unstacking costs one slice per block per call, not per token.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.kv_cache import KVCache, init_cache, with_lengths
+from models.layers import loop_config, unstack_layers
 from models.transformer import Transformer
 
 
@@ -69,7 +77,8 @@ def prefill(params: Any, cfg: ModelConfig, prompt: jax.Array, prompt_lengths: ja
     batch, width = prompt.shape
     cache = init_cache(cfg, batch, width + max_new_tokens)
     valid = jnp.arange(width)[None, :] < prompt_lengths[:, None]  # padding takes no MoE capacity
-    logits, cache, _ = Transformer(cfg).apply({"params": params}, prompt, cache=cache, valid=valid)
+    params = unstack_layers(params, cfg)  # the loop layout: see the module docstring
+    logits, cache, _ = Transformer(loop_config(cfg)).apply({"params": params}, prompt, cache=cache, valid=valid)
     cache = with_lengths(cache, prompt_lengths)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     if repeats > 1:
@@ -81,7 +90,8 @@ def decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array,
                 cache: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """One token per row through the model: tokens [R] -> (next-token logits [R, V] fp32, updated caches).
 
-    params: from `models.transformer.prepare_params` (or plain params): the loop's body is `model.apply`.
+    params: from `models.transformer.prepare_params` (or plain params in the loop layout): the loop's body is
+    `model.apply`.
     """
-    logits, cache, _ = Transformer(cfg).apply({"params": params}, tokens[:, None], cache=cache)
+    logits, cache, _ = Transformer(loop_config(cfg)).apply({"params": params}, tokens[:, None], cache=cache)
     return logits[:, 0], cache

@@ -19,6 +19,11 @@ RENAMED_IMPLS = {"cpu": "cpu_fused or cpu_panel"}  # old value -> the new names
 DTYPES = ("float32", "bfloat16")
 ROUTERS = ("softmax", "noisy", "dense")
 PRIORITIES = ("order", "probability")
+# What a rematerialised block keeps from its forward pass (models/layers.py maps each to a
+# jax.checkpoint_policies policy): "none" no remat (keep everything); "full" nothing (the whole block is
+# recomputed in the backward pass); "dots" every matmul output; "dots_no_batch" the weight products only
+# (2-D matmuls over flattened tokens), recomputing attention's batched score and value products.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 class ConfigError(ValueError):
@@ -115,6 +120,8 @@ class MoEConfig:
 class ModelConfig:
     """Shape and options of a decoder-only transformer LM."""
 
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"remat": "remat_policy"}  # old name -> new, for clear errors
+
     vocab_size: int = 4096
     d_model: int = 256
     num_layers: int = 4
@@ -138,7 +145,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     init_std: float = 0.02
-    remat: bool = False  # rematerialise each block in the backward pass (memory for compute)
+    remat_policy: str = "none"  # rematerialise each block in the backward pass: see REMAT_POLICIES
+    # Blocks under nn.scan: one compiled body, params stacked on a leading "layers" axis (models/layers.py).
+    # A scan step is `scan_group` blocks, so that MoE blocks every n layers repeat identically.
+    scan_layers: bool = False
     moe: MoEConfig = MoEConfig()
 
     def __post_init__(self) -> None:
@@ -174,6 +184,10 @@ class ModelConfig:
               "expected 0 (off) or a positive window length")
         check(self.norm_eps > 0, p + "norm_eps", self.norm_eps, "expected > 0")
         check(self.init_std > 0, p + "init_std", self.init_std, "expected > 0")
+        check_choice(p + "remat_policy", self.remat_policy, REMAT_POLICIES)
+        check(not self.scan_layers or self.num_layers % self.scan_group == 0, p + "scan_layers", self.scan_layers,
+              f"a scan step is model.moe.every_n_layers={self.scan_group} blocks (one of them MoE), which "
+              f"must divide model.num_layers={self.num_layers}")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -183,6 +197,11 @@ class ModelConfig:
     def group_size(self) -> int:
         """G: query heads sharing one kv head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def scan_group(self) -> int:
+        """Blocks per scan step: the period of the MoE / dense pattern (1 for a dense model)."""
+        return self.moe.every_n_layers if self.moe.num_experts else 1
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe.num_experts > 0 and (layer + 1) % self.moe.every_n_layers == 0

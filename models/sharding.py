@@ -38,6 +38,9 @@ DEFAULT_RULES: Rules = (
     ("expert", "expert"),
     ("position", None),
     ("norm", None),
+    # The scanned blocks' stacked axis (models/layers.py): not split across devices; each layer's other
+    # axes shard as in the loop layout.
+    ("layers", None),
 )
 
 

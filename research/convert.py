@@ -1,6 +1,7 @@
 """Convert Hugging Face checkpoints (Llama, Mistral, Qwen2, Mixtral) to our run directories and back.
 
-    python -m research.convert --from-hf HF_DIR --out RUN_DIR [--dtype auto|float32|bfloat16] [--overwrite]
+    python -m research.convert --from-hf HF_DIR --out RUN_DIR [--dtype auto|float32|bfloat16] [--scan-layers]
+        [--overwrite]
     python -m research.convert --to-hf RUN_DIR --out HF_DIR [--step STEP] [--dtype auto|float32|bfloat16]
         [--max-shard-size 5GB] [--overwrite]
 
@@ -9,9 +10,10 @@ its shards) and, when present, tokenizer.json or tokenizer.model with tokenizer_
 run directory that `python -m decoding.generate --checkpoint RUN_DIR` reads: run.json (a TrainConfig with
 the mapped model config, and the source config.json under "hf"), checkpoints/0 (params only, orbax) and
 tokenizer/ (the Hugging Face tokenizer files). dtype auto keeps bf16 checkpoints in bf16, else float32.
+--scan-layers writes a model that scans its blocks (model.scan_layers; params stacked per layer, models/layers.py).
 --to-hf writes config.json and model.safetensors (shards of at most --max-shard-size, with an index) from a
-run directory (any run whose model a family computes: research/hf_config.py `export_family`), plus the
-tokenizer files when the run's tokenizer came from Hugging Face. dtype auto is the run's param dtype.
+run directory (any run whose model a family computes: research/hf_config.py `export_family`, in either layout),
+plus the tokenizer files when the run's tokenizer came from Hugging Face. dtype auto is the run's param dtype.
 
 Both write into a temporary sibling of --out and rename it into place when complete, so a failure leaves
 nothing behind. --out must not exist, unless --overwrite: then it is replaced once the new one is complete
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -110,13 +113,14 @@ def staged(out: Path, overwrite: bool = False, replaceable: Callable[[Path], boo
 
 
 def import_hf(hf_dir: Path, out: Path, dtype: str = "auto", mesh: Mesh | None = None,
-              overwrite: bool = False) -> ModelConfig:
+              overwrite: bool = False, scan_layers: bool = False) -> ModelConfig:
     """Writes the run directory `out` from a Hugging Face model folder; returns the model config.
-    `overwrite` replaces an existing run directory `out` (research.runs.load_run reads the result)."""
+    `overwrite` replaces an existing run directory `out` (research.runs.load_run reads the result).
+    `scan_layers`: the model scans its blocks, and its params are written in that layout."""
     hf_dir = Path(hf_dir)
     check_out(Path(out), overwrite, is_run_dir, "run directory", hf_dir)  # before any work
     hf = read_hf_config(hf_dir)
-    cfg = model_config_from_hf(hf, dtype)
+    cfg = dataclasses.replace(model_config_from_hf(hf, dtype), scan_layers=scan_layers)
     tokenizer = HFTokenizer.load(hf_dir) if is_hf_tokenizer(hf_dir) else None
     with staged(Path(out), overwrite, is_run_dir, "run directory", hf_dir) as tmp:
         params = load_params(hf_dir, cfg, mesh)
@@ -183,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="replace an existing --out once the new one is complete (only a previous result of the "
                         "same direction, or an empty folder)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="parameter dtype of the result")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="--from-hf: a model that scans its blocks (params stacked on a leading layers axis)")
     p.add_argument("--step", type=int, default=None, help="--to-hf: checkpoint step (default: the latest)")
     p.add_argument("--max-shard-size", type=parse_size, default=0,
                    help="--to-hf: split model.safetensors into shards of at most this size (default: one file)")
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.from_hf is not None:
-            cfg = import_hf(args.from_hf, args.out, args.dtype, overwrite=args.overwrite)
+            cfg = import_hf(args.from_hf, args.out, args.dtype, overwrite=args.overwrite,
+                            scan_layers=args.scan_layers)
             print(f"wrote {args.out}: {cfg.param_count():,} params ({cfg.param_dtype}); "
                   f"python -m decoding.generate --checkpoint {args.out} --prompt ...")
         else:

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and the machine's measured matmul peak, for MFU."""
+"""Model FLOPs per token and the peak to divide by for MFU: the chip's published one, else a measured one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from research import devices
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -51,3 +52,14 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 1024, chain: int = 8, r
         run()
         best = min(best, time.perf_counter() - start)
     return flops / best
+
+
+def mfu_peak(dtype: str, device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s per device, its source) for MFU: on a chip in research/devices.py's table, the vendor's
+    dense peak for `dtype` ("table:<accelerator>"); elsewhere (CPUs, unknown chips, unpublished dtypes) the
+    best rate of a matmul chain measured here ("measured"), which is only comparable within one machine."""
+    device = device if device is not None else jax.devices()[0]
+    peak = devices.peak_flops(device.device_kind, dtype)
+    if peak is not None:
+        return peak, f"table:{devices.accelerator(device.device_kind).name}"
+    return measure_matmul_peak(devices.canonical_dtype(dtype)), "measured"

@@ -3,8 +3,10 @@
 One table (`weight_rules`) says where each of our parameters lives in a Hugging Face checkpoint; import
 and export both read it. HF linear layers store [out, in]; ours are [in, out...] with heads split out,
 so a rule is a transpose and a reshape, or a reshape alone (norm scales, embeddings, biases). Mixtral
-stores one tensor per expert; ours are stacked on a leading expert axis. RoPE needs no permutation:
-models/rope.py pairs dims (i, i + H/2), as HF's rotate_half does.
+stores one tensor per expert; ours are stacked on a leading expert axis. A scanned model (models/layers.py)
+stacks its blocks' tensors on one more leading axis, so its rules stack HF's per-layer tensors on
+[layers] or [layers, experts]: import writes the target config's layout, export reads either. RoPE needs no
+permutation: models/rope.py pairs dims (i, i + H/2), as HF's rotate_half does.
 
 Loading is lazy: each parameter is assembled with `jax.make_array_from_callback` from its model's
 logical sharding, and each device's callback slices only its shard out of the memory-mapped file
@@ -26,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models.config import ModelConfig
+from models.layers import LAYERS, is_stacked, scan_steps
 from models.sharding import DEFAULT_RULES, Rules, logical_shardings
 from models.transformer import Transformer, unbox
 from research.config import MeshConfig
@@ -46,13 +49,38 @@ ParamPath = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class WeightRule:
     path: ParamPath  # our parameter, e.g. ("block_0", "attn", "wq")
-    names: tuple[str, ...]  # its HF tensor, or one per expert stacked on our leading axis
+    names: tuple[str, ...]  # its HF tensors, row-major over `stack` (one name when stack is ())
     hf_shape: tuple[int, ...]  # the shape of each HF tensor
     transpose: bool  # HF Linear [out, in]: ours is its transpose, reshaped
+    stack: tuple[int, ...] = ()  # our leading axes the HF tensors stack on: (experts,), (layers[, experts])
+
+    def index(self, k: int) -> tuple[int, ...]:
+        """Where HF tensor names[k] sits on our stacked leading axes."""
+        return tuple(int(i) for i in np.unravel_index(k, self.stack)) if self.stack else ()
 
 
 def weight_rules(cfg: ModelConfig) -> list[WeightRule]:
-    """Where each parameter of `Transformer(cfg)` lives in a Llama/Mistral/Qwen2/Mixtral checkpoint."""
+    """Where each parameter of `Transformer(cfg)` lives in a Llama/Mistral/Qwen2/Mixtral checkpoint, in the
+    layout `cfg` runs."""
+    rules = loop_weight_rules(cfg)
+    return stacked_rules(rules, cfg) if cfg.scan_layers else rules
+
+
+def stacked_rules(rules: list[WeightRule], cfg: ModelConfig) -> list[WeightRule]:
+    """The loop layout's rules for the scanned layout: block i's tensors stacked into its scan position."""
+    by_path = {rule.path: rule for rule in rules}
+    stacked = [rule for rule in rules if not rule.path[0].startswith("block_")]
+    steps = scan_steps(cfg)
+    for j in range(cfg.scan_group):
+        for first in (rule for rule in rules if rule.path[0] == f"block_{j}"):
+            layers = [by_path[(f"block_{s * cfg.scan_group + j}", *first.path[1:])] for s in range(steps)]
+            stacked.append(dataclasses.replace(first, path=(LAYERS, *first.path), stack=(steps, *first.stack),
+                                               names=tuple(name for layer in layers for name in layer.names)))
+    return stacked
+
+
+def loop_weight_rules(cfg: ModelConfig) -> list[WeightRule]:
+    """`weight_rules` in the loop layout: one parameter per block."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     nh, kh = cfg.num_heads * cfg.resolved_head_dim, cfg.num_kv_heads * cfg.resolved_head_dim
     rules = [WeightRule(("embed", "table"), ("model.embed_tokens.weight",), (v, d), False),
@@ -85,7 +113,7 @@ def weight_rules(cfg: ModelConfig) -> list[WeightRule]:
         # Mixtral's w1 is the gate, w3 the up projection, w2 the down projection.
         for ours_name, hf_name, shape in (("w_gate", "w1", (f, d)), ("w_up", "w3", (f, d)), ("w_down", "w2", (d, f))):
             names = tuple(f"{moe}.experts.{e}.{hf_name}.weight" for e in experts)
-            rules.append(WeightRule((ours, "moe", ours_name), names, shape, True))
+            rules.append(WeightRule((ours, "moe", ours_name), names, shape, True, (cfg.moe.num_experts,)))
     return rules
 
 
@@ -200,39 +228,41 @@ def load_params(folder: Path, cfg: ModelConfig, mesh: Mesh | None = None, rules:
     dtype = np.dtype(NUMPY_DTYPES[cfg.param_dtype])
     flat = {}
     for rule in table:
-        shape = shapes[rule.path]
-        if len(rule.names) == 1:
-            view = to_ours(weights.get(rule.names[0]), rule, shape)
+        shape, k = shapes[rule.path], len(rule.stack)
+        views = np.empty(rule.stack, object)  # each HF tensor as a view in our layout, where it stacks
+        for i, name in enumerate(rule.names):
+            views[rule.index(i)] = to_ours(weights.get(name), rule, shape[k:])
 
-            def shard(index: tuple[slice, ...], view: np.ndarray = view) -> np.ndarray:
-                # A copy, never the file's memory: the params must not change if the file does.
-                return np.array(view[index], dtype=dtype)
-        else:  # experts, stacked on axis 0: read only the experts (and slices of them) this shard holds
-            views = [to_ours(weights.get(name), rule, shape[1:]) for name in rule.names]
-
-            def shard(index: tuple[slice, ...], views: list[np.ndarray] = views) -> np.ndarray:
-                return np.stack([np.asarray(v[index[1:]], dtype=dtype) for v in views[index[0]]])
+        def shard(index: tuple[slice, ...], views: np.ndarray = views, k: int = k) -> np.ndarray:
+            # Reads only the stacked tensors (and slices of them) this shard holds, into a copy: never the
+            # file's memory, so the params do not change if the file does.
+            picked = views[(*index[:k], ...)]
+            first = picked.flat[0][index[k:]]
+            out = np.empty(picked.shape + first.shape, dtype)
+            for at in np.ndindex(picked.shape):
+                out[at] = picked[at][index[k:]]
+            return out
         flat[rule.path] = jax.make_array_from_callback(shape, shardings[rule.path], shard)
     return flax.traverse_util.unflatten_dict(flat)
 
 
 def save_weights(folder: Path, params: Any, cfg: ModelConfig, dtype: str, max_shard_bytes: int = 0) -> None:
-    """Writes params as HF safetensors in `dtype`: one model.safetensors, or shards of at most
-    max_shard_bytes (a tensor larger than that gets a shard of its own) with an index. Tensors are
-    fetched from the devices one at a time."""
+    """Writes params (either layout) as HF safetensors in `dtype`: one model.safetensors, or shards of at
+    most max_shard_bytes (a tensor larger than that gets a shard of its own) with an index. Tensors are
+    fetched from the devices one at a time: a scanned model's are sliced out of its stacks, rather than
+    unstacked whole (`unstack_layers`), which would hold a second copy of every block on the devices."""
     flat = flax.traverse_util.flatten_dict(params)
     target = NUMPY_DTYPES[dtype]
-    sources: dict[str, tuple[WeightRule, int | None]] = {}
+    sources: dict[str, tuple[WeightRule, tuple[int, ...]]] = {}
     specs = []
-    for rule in weight_rules(cfg):
-        for e, name in enumerate(rule.names):
-            sources[name] = (rule, e if len(rule.names) > 1 else None)
+    for rule in weight_rules(dataclasses.replace(cfg, scan_layers=is_stacked(params))):
+        for k, name in enumerate(rule.names):
+            sources[name] = (rule, rule.index(k))
             specs.append((name, rule.hf_shape, target))
 
     def fetch(name: str) -> np.ndarray:
-        rule, expert = sources[name]
-        value = flat[rule.path] if expert is None else flat[rule.path][expert]
-        return to_hf(np.asarray(jax.device_get(value)), rule).astype(target)
+        rule, index = sources[name]
+        return to_hf(np.asarray(jax.device_get(flat[rule.path][index])), rule).astype(target)
 
     groups, size = [[]], 0
     for spec in specs:

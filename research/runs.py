@@ -64,7 +64,17 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The run's resolved TrainConfig (model, data, optimizer, ...), from its run.json."""
-    return from_dict(TrainConfig, read_run_record(run_dir)["config"])
+    return from_dict(TrainConfig, _upgraded(read_run_record(run_dir)["config"]))
+
+
+def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """A run.json written before model.remat (a bool) became model.remat_policy, in today's terms."""
+    model = config.get("model")
+    if isinstance(model, dict) and "remat" in model and "remat_policy" not in model:
+        model = {k: v for k, v in model.items() if k != "remat"}
+        model["remat_policy"] = "full" if config["model"]["remat"] else "none"
+        config = {**config, "model": model}
+    return config
 
 
 def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -90,8 +100,10 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *,
              mesh: Mesh | None = None) -> tuple[ModelConfig, Any, Tokenizer | None]:
     """(model config, params, tokenizer) of a run directory, from checkpoint `step` (default: the latest).
 
-    The params are placed on `mesh` by their logical axes (default: the first device). The tokenizer is
-    None only for a converted checkpoint whose Hugging Face folder had no tokenizer files.
+    The params are placed on `mesh` by their logical axes (default: the first device), in the layout the run's
+    model has (stacked blocks when `cfg.scan_layers`; `models.layers.unstack_layers` / `stack_layers`
+    convert). The tokenizer is None only for a converted checkpoint whose Hugging Face folder had no
+    tokenizer files.
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir).model

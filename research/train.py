@@ -36,7 +36,7 @@ from research.checkpoint import Checkpointer, CheckpointError, one_line
 from research.cli import ArgumentParser
 from research.config import TrainConfig, apply_overrides, to_dict
 from research.data import DataError
-from research.flops import measure_matmul_peak, train_flops_per_token
+from research.flops import mfu_peak, train_flops_per_token
 from research.input_pipeline import build_datasets
 from research.mesh import (barrier, from_main_process, initialize_distributed, is_main_process, make_mesh,
                            put_batch)
@@ -208,12 +208,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             shutil.rmtree(out, ignore_errors=True)
         raise
     main = is_main_process()
-    peak = float(from_main_process(measure_matmul_peak(cfg.model.dtype)))  # one peak, so one MFU, everywhere
+    device_peak, peak_source = mfu_peak(cfg.model.dtype)
+    # A vendor peak is per chip: the run's is all of them. A measured one is the machine's (fake CPU devices
+    # share its cores). Process 0's, so that every process reports the same MFU.
+    peak = float(from_main_process(device_peak * (jax.device_count() if peak_source != "measured" else 1)))
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     if main:
         write_json_atomic(out / "run.json", run_record(
-            to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak,
+            to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak, peak_source=peak_source,
             # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
             implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
             param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),

@@ -23,6 +23,7 @@ from test_hf_tokenizer import save_tiny_tokenizer  # noqa: E402
 from decoding import cli as generate_cli  # noqa: E402
 from decoding.generate import generate  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from models.layers import is_stacked, unstack_layers  # noqa: E402
 from models.transformer import Transformer, init_params, unbox  # noqa: E402
 from research import convert  # noqa: E402
 from research.config import MeshConfig, TrainConfig, from_dict  # noqa: E402
@@ -146,6 +147,28 @@ def test_import_export_import_is_identical(family, tmp_path):
     if name == "llama":  # the tokenizer travels with the weights
         assert transformers.AutoTokenizer.from_pretrained(tmp_path / "export").encode("fox") == \
             transformers.AutoTokenizer.from_pretrained(family[2]).encode("fox")
+
+
+def test_scanned_import_matches_and_exports_the_same_weights(family, tmp_path):
+    """--scan-layers: the run's params are stacked per layer (models/layers.py), give the loop import's
+    logits, and export to the same tensors."""
+    name, _, hf_dir, _, cfg, params = family
+    assert convert.main(["--from-hf", str(hf_dir), "--out", str(tmp_path / "run"), "--scan-layers"]) == 0
+    scan_cfg, scanned, _ = load_run(tmp_path / "run")
+    assert scan_cfg == dataclasses.replace(cfg, scan_layers=True) and is_stacked(scanned)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(scanned, scan_cfg), params)
+    logits = Transformer(scan_cfg).apply({"params": scanned}, TOKENS)[0]
+    np.testing.assert_allclose(logits, Transformer(cfg).apply({"params": params}, TOKENS)[0], atol=ATOL, rtol=0)
+    convert.export_hf(tmp_path / "run", tmp_path / "export")
+    exported = read_tensors(tmp_path / "export")
+    for key, value in read_tensors(hf_dir).items():
+        np.testing.assert_array_equal(exported[key], value)
+
+
+def read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a Hugging Face folder (one file or shards), by name."""
+    return {name: np.asarray(f.get(name), np.float32) for path in sorted(folder.glob("*.safetensors"))
+            for f in [SafetensorsFile(path)] for name in f.keys()}
 
 
 def test_converted_run_decodes_from_the_command_line(llama, capsys, monkeypatch):

@@ -262,7 +262,7 @@ def test_linear_matches_numpy_with_gradients():
 
 @pytest.mark.parametrize("overrides", [
     {}, {"norm": "layernorm", "mlp": "gelu"}, {"position": "learned"}, {"position": "sinusoidal"},
-    {"tie_embeddings": False}, {"qkv_bias": True}, {"remat": True}, {"head_dim": 16},
+    {"tie_embeddings": False}, {"qkv_bias": True}, {"remat_policy": "full"}, {"scan_layers": True}, {"head_dim": 16},
 ])
 def test_param_count_matches_initialised_params(overrides):
     cfg = dataclasses.replace(TINY, **overrides)
