@@ -307,7 +307,7 @@ def test_bad_moe_config_is_one_line_naming_the_field(overrides, message):
 
 def test_training_logs_stats_and_resume_keeps_the_router_bias(cache_dir, tmp_path, monkeypatch):
     """Stop at step 3, resume to 6: each saved bias is the sum of the sign updates of the loads logged so far."""
-    monkeypatch.setattr(train_mod, "measure_matmul_peak", lambda dtype: 1e11)  # MFU is not under test
+    monkeypatch.setattr(train_mod, "mfu_peak", lambda dtype: (1e11, "measured"))  # MFU is not under test
     u, experts = 0.05, 4
     cfg = apply_overrides(get_config("smoke"), [
         f"model.moe.num_experts={experts}", "model.moe.top_k=1", f"model.moe.bias_update_rate={u}",
