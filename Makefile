@@ -29,8 +29,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,hf,interop]" "torch==2.13.0" "transformers==5.23.0"
 	touch $@
 
+# Two workers, one test file each at a time (module fixtures are built once): the suite's compiles are
+# single-threaded, so both cores stay busy.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Benchmarks compare against Hugging Face transformers on PyTorch CPU (the `hf` extra), pinned to the
 # versions the README's numbers were measured with; torch 2.13.0 here is the CPU build.

@@ -187,8 +187,8 @@ def train_two_steps(cfg, mesh_name: str, batches):
     return state, losses
 
 
-@pytest.mark.parametrize("mesh_name", ["data2-fsdp2-tensor2", "data4-tensor2"])
-def test_sharded_train_step_with_pallas_equals_xla(smoke, mesh_name):
+@pytest.mark.parametrize("mesh_name", ["data2-fsdp2-tensor2"])  # every axis kind at once; the kernels' own
+def test_sharded_train_step_with_pallas_equals_xla(smoke, mesh_name):  # tests cover the other meshes
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, smoke.model.vocab_size, (smoke.data.batch_size, smoke.data.seq_len + 1), np.int32)
                for _ in range(2)]

@@ -5,6 +5,7 @@ failure in one process that stops the other at once."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,17 +73,25 @@ def test_every_record_and_file_is_written_once(runs):
     assert mfu and record["matmul_peak_flops"] > 0  # one peak, from process 0
 
 
-def test_resume_in_two_processes_is_exact(runs, cache_dir):
-    out = runs / "resumed"
+@pytest.fixture(scope="module")
+def stopped(runs, cache_dir):
+    """The 2-process run stopped at step 10, to be resumed (each test resumes a copy)."""
+    out = runs / "stopped"
     in_processes(2, train_argv(out, cache_dir, "--set", "mesh.data=4", "--set", "stop_after=10"))
     assert max(losses(out)) == 10
+    return out
+
+
+def test_resume_in_two_processes_is_exact(runs, stopped, cache_dir):
+    out = runs / "resumed"
+    shutil.copytree(stopped, out)
     in_processes(2, train_argv(out, cache_dir, "--set", "mesh.data=4", "--resume"))
     assert losses(out) == losses(runs / "two")
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, cache_dir):
+def test_a_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, stopped, cache_dir):
     out = runs / "resharded"
-    in_processes(2, train_argv(out, cache_dir, "--set", "mesh.data=4", "--set", "stop_after=10"))
+    shutil.copytree(stopped, out)
     in_one_process(train_argv(out, cache_dir, "--set", "mesh.data=2", "--set", "mesh.tensor=2", "--resume"),
                    devices=4)
     resumed, straight = losses(out), losses(runs / "two")
