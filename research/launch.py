@@ -100,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
-    if args.processes < 1 or not command:
-        print(f"python -m research.launch: error: --processes={args.processes} and a command are required "
-              "(--processes >= 1)", file=sys.stderr)
+    problems = [f"--processes={args.processes}: expected >= 1" if args.processes < 1 else "",
+                f"--local-devices={args.local_devices}: expected >= 1"
+                if args.local_devices is not None and args.local_devices < 1 else "",
+                f"--timeout={args.timeout}: expected > 0" if args.timeout is not None and not args.timeout > 0 else "",
+                "expected a command after --" if not command else ""]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        print(f"python -m research.launch: error: {problem}", file=sys.stderr)
         return 2
     return launch(command, args.processes, args.local_devices, args.port, args.timeout)
 

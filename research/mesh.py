@@ -49,6 +49,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                                             ("--process-id (JAX_PROCESS_ID)", process_id)) if value is None]
         if missing:
             raise ConfigError(f"--coordinator {coordinator}: also needs {' and '.join(missing)}")
+        if num_processes < 1:
+            raise ConfigError(f"--num-processes={num_processes}: expected >= 1")
         if not 0 <= process_id < num_processes:
             raise ConfigError(f"--process-id={process_id}: expected 0 <= id < --num-processes={num_processes}")
         jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)

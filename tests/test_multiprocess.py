@@ -118,3 +118,17 @@ def test_a_coordinator_without_a_process_count_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: --coordinator localhost:1234: also needs --num-processes (JAX_NUM_PROCESSES) and --process-id "
         "(JAX_PROCESS_ID)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "0", "--", "true"], "--processes=0: expected >= 1"),
+    (["--processes", "2", "--local-devices", "0", "--", "true"], "--local-devices=0: expected >= 1"),
+    (["--processes", "2", "--timeout", "-1", "--", "true"], "--timeout=-1.0: expected > 0"),
+    (["--processes", "2", "--"], "expected a command after --"),
+    (["--processes", "2", "true"], "expected `-- COMMAND ...` after the options"),
+])
+def test_bad_launch_flags_are_one_line(argv, message, capsys):
+    from research.launch import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"python -m research.launch: error: {message}\n"
