@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run train test bench
+.PHONY: setup run train test bench context-rot
 
 # Reinstalls only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,10 @@ setup: $(VENV)/.installed
 # The main job: the routing-collapse study's quick preset. A second `make run` reuses finished runs.
 run: setup
 	$(BIN)/python -m experiments.routing_collapse --preset quick --out runs/routing_collapse_quick --jobs 2
+
+# The context-rot study's quick preset (trains its retrieval models, then every evaluation; committed figures).
+context-rot: setup
+	$(BIN)/python -m experiments.context_rot --preset quick --out runs/context_rot_quick --jobs 2
 
 # --resume makes a second `make train` continue (or just report) the same run instead of refusing it.
 train: setup

@@ -7,6 +7,8 @@
   tiny-moe   tiny with 8 top-1 experts per block (Switch-style); trains on CPU in a minute or two
   mixtral-22m Mixtral's architecture (8 experts, top-2, dropless, SwiGLU, GQA) at the CPU benchmark shape
   micro-moe  the routing-collapse study's base: 2 blocks of 8 top-1 experts, dropless, no balancing
+  llama-1b   ~1.0B parameters (Llama 3.2 1B's shape with a 32k vocabulary), scanned and rematerialised: for pods
+  retrieval  the context-rot study's model: needles in haystacks of corpus prose, answers alone scored
   deep-24    24 narrow blocks (d_model 256): where scanning the blocks (model.scan_layers) pays off in compile time
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from models.config import ConfigError, ModelConfig, MoEConfig
-from research.config import DataConfig, OptimConfig, TrainConfig
+from research.config import DataConfig, OptimConfig, RetrievalConfig, TrainConfig
 
 
 def smoke() -> TrainConfig:
@@ -55,6 +57,20 @@ def llama_100m() -> TrainConfig:
         data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=1024, batch_size=64),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=500),
         steps=20_000, log_every=50, eval_every=1000, eval_batches=16, checkpoint_every=1000)
+
+
+def llama_1b() -> TrainConfig:
+    """Llama 3.2 1B's block shape (d_model 2048, 16 blocks, GQA 32:8, d_ff 8192) on our 32k vocabulary:
+    1.04B parameters. Adam state alone is ~16.6 GB, so it needs fsdp or tensor sharding on a 16 GB chip;
+    the blocks are scanned (one compiled body) and rematerialised keeping the matmul outputs."""
+    return TrainConfig(
+        name="llama-1b",
+        model=ModelConfig(vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                          d_ff=8192, max_seq_len=2048, rope_theta=5e5, dtype="bfloat16",
+                          scan_layers=True, remat_policy="dots_no_batch"),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=2048, batch_size=32),
+        optim=OptimConfig(learning_rate=3e-4, warmup_steps=2000),
+        steps=100_000, log_every=50, eval_every=2000, eval_batches=16, checkpoint_every=2000)
 
 
 def tiny_moe() -> TrainConfig:
@@ -99,6 +115,20 @@ def micro_moe() -> TrainConfig:
         steps=300, log_every=25, eval_every=300, eval_batches=8, checkpoint_every=100, sample_tokens=0)
 
 
+def retrieval() -> TrainConfig:
+    """Learns to answer "The code of K is" from facts hidden in up to seq_len tokens of prose
+    (research/needles.py); max_seq_len leaves room to evaluate at 4x the trained length. Heads of 32
+    dimensions: with 16 (4 heads at d_model 64) retrieval was learned far more slowly."""
+    return TrainConfig(
+        name="retrieval",
+        model=ModelConfig(vocab_size=2048, d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, d_ff=256,
+                          max_seq_len=1024),
+        data=DataConfig(tokenizer="sentencepiece-bpe", seq_len=128, batch_size=16, task="retrieval",
+                        retrieval=RetrievalConfig(max_facts=8)),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=50),
+        steps=1500, log_every=50, eval_every=250, eval_batches=4, checkpoint_every=500, sample_tokens=0)
+
+
 def deep_24() -> TrainConfig:
     """Deep and narrow (~18M parameters), so that tracing and compiling 24 blocks dominates a step's cost on
     CPU: experiments/benchmark_compile.py times it with the blocks looped and scanned."""
@@ -116,9 +146,11 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tiny": tiny,
     "bench-512": bench_512,
     "llama-100m": llama_100m,
+    "llama-1b": llama_1b,
     "tiny-moe": tiny_moe,
     "mixtral-22m": mixtral_22m,
     "micro-moe": micro_moe,
+    "retrieval": retrieval,
     "deep-24": deep_24,
 }
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from configs.routing_collapse import HEADLINE, NONE, get_sweep
@@ -33,8 +32,9 @@ from experiments.routing_collapse_report import write_report
 from models.config import ConfigError
 from research.cli import ArgumentParser
 from research.data import DataError
-from research.run_record import library_versions, write_json_atomic
-from research.sweep import load_runs, run_sweep
+from research.run_record import write_json_atomic
+from research.study import record_header, seed_stats, write_text
+from research.sweep import load_runs, run_counts, run_sweep
 
 FINAL_FRACTION = 0.1  # the last 10% of steps make the "final" statistics
 # Per-run statistics that the summary aggregates over seeds, in table order.
@@ -81,10 +81,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for grid, conditions in out.items():
         for condition, members in conditions.items():
             stats = {"seeds": sorted(r["seed"] for r in members)}
-            for name in METRICS:
-                values = np.array([r[name] for r in members])
-                stats[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1) if len(values) > 1 else 0),
-                               "min": float(values.min()), "max": float(values.max())}
+            stats.update({name: seed_stats([r[name] for r in members]) for name in METRICS})
             conditions[condition] = stats
     return out
 
@@ -136,7 +133,8 @@ def route_sample(run_dir: Path, num_tokens: int = 64) -> dict[str, Any]:
     # decodes to U+FFFD until the character completes, so those are dropped.
     texts = [tokenizer.decode(ids[:i].tolist()) for i in range(len(ids) + 1)]
     experts = {name: np.asarray(block["moe"]["experts"][0])[0, :, 0].tolist()  # top-1 choice, [T]
-               for name, block in sorted(state["intermediates"].items(), key=lambda kv: int(kv[0].split("_")[-1]))}
+               for name, block in sorted(state["intermediates"].items(), key=lambda kv: int(kv[0].split("_")[-1]))
+               if "moe" in block}  # every block also sows its attention probe; dense blocks have no router
     return {"pieces": [b[len(os.path.commonprefix([a, b])):].replace("\ufffd", "") for a, b in zip(texts, texts[1:])],
             "experts": experts, "num_experts": model_cfg.moe.num_experts}
 
@@ -193,14 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = make_figures(runs, out / "figures")
     csv_text, md_text = table(summary)
     for name, text in (("table.csv", csv_text), ("table.md", md_text)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
-    record = {"preset": args.preset, "command": " ".join(["python -m experiments.routing_collapse", *(argv or sys.argv[1:])]),
-              "wall_seconds": time.perf_counter() - start, "jobs": args.jobs,
-              "runs": {s: sum(v == s for v in {r["key"]: r["status"] for r in rows}.values())
-                       for s in ("done", "reused", "failed")},
-              "versions": {**library_versions(), "backend": jax.default_backend()}, "acceptance": acceptance,
+        write_text(out / name, text)
+    record = {**record_header("routing_collapse", args.preset, argv, time.perf_counter() - start), "jobs": args.jobs,
+              "runs": run_counts(rows), "acceptance": acceptance,
               "conditions": summary, "figures": [str(Path(p).relative_to(out)) for p in figures]}
     write_json_atomic(out / "summary.json", record)
     write_report(out / "report.md", record, md_text)

@@ -7,29 +7,16 @@ Curves are smoothed with a trailing moving average (per-step routing statistics 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from research.study import save_figure as save
 
 Run = dict[str, Any]
 SMOOTH = 10  # steps in the moving average of the curves
-
-
-def save(fig: plt.Figure, out: Path, name: str) -> list[str]:
-    """Writes out/name.png (small, for the repo) and out/name.pdf; returns the PNG path."""
-    out.mkdir(parents=True, exist_ok=True)
-    for ext, dpi in (("png", 80), ("pdf", None)):
-        tmp = out / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
-        os.replace(tmp, out / f"{name}.{ext}")
-    plt.close(fig)
-    return [str(out / f"{name}.png")]
 
 
 def smooth(y: np.ndarray, window: int = SMOOTH) -> np.ndarray:

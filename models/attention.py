@@ -14,6 +14,7 @@ Query heads are grouped as [K, G] against K kv heads, so K/V are never repeated 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -46,6 +47,38 @@ def attention_mask(q_positions: jax.Array, kv_positions: jax.Array, kv_lengths: 
     if kv_lengths is not None:
         mask &= kv < kv_lengths[:, None, None]
     return mask
+
+
+def logit_scale(positions: jax.Array, cfg: ModelConfig, s: jax.Array | None = None) -> jax.Array:
+    """The factor on each query for `cfg.attention_logit_scaling` ("logn" or "learned"): [B, T, 1] or
+    [B, T, N] float32 for positions [B, T] (and s: [N], the learned per-head scale).
+
+    Both grow with log n, n the number of keys the query sees (p + 1, at most the sliding window), so that
+    attention does not flatten as n grows past the training length L = `cfg.logit_scaling_length`:
+    "logn" max(1, log n / log L), unchanged within L; "learned" s_h * log n (s starts at 1 / log L).
+    """
+    n = positions.astype(jnp.float32) + 1
+    if cfg.sliding_window:
+        n = jnp.minimum(n, cfg.sliding_window)
+    log_n = jnp.log(n)[..., None]
+    if cfg.attention_logit_scaling == "logn":
+        return jnp.maximum(1.0, log_n / math.log(cfg.logit_scaling_length))
+    return log_n * s.astype(jnp.float32)
+
+
+def last_query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                     kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """The attention probabilities of the last query (row T-1) over every key: [B, N, S] float32.
+
+    Shapes as in `masked_attention`; query head i reads kv head i // G. Computed apart from the attention
+    functions (the fused ones never form the probabilities), at full float32 precision, as it is a measurement.
+    """
+    h, g = q.shape[-1], q.shape[2] // k.shape[2]
+    q_last = q[:, -1].astype(jnp.float32)  # [B, N, H]
+    k = jnp.repeat(k.astype(jnp.float32), g, axis=2)  # [B, S, N, H]
+    logits = jnp.einsum("bnh,bsnh->bns", q_last, k, precision=jax.lax.Precision.HIGHEST) * (h ** -0.5)
+    mask = attention_mask(q_positions[:, -1:], kv_positions, kv_lengths, sliding_window)  # [B, 1, S]
+    return jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
@@ -172,6 +205,12 @@ class Attention(nn.Module):
             inv_freq = rope_inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor)
             q = apply_rope(q, positions, inv_freq)
             k_new = apply_rope(k_new, positions, inv_freq)
+        if cfg.attention_logit_scaling != "none":  # on q, so every attention_impl and the cache see it
+            s = None
+            if cfg.attention_logit_scaling == "learned":
+                s = self.param("logit_scale", param_with_axes(
+                    nn.initializers.constant(1 / math.log(cfg.logit_scaling_length)), ("heads",)), (n,), pdtype)
+            q = (q.astype(jnp.float32) * logit_scale(positions, cfg, s)[..., None]).astype(q.dtype)
         q = constrain(q, ("batch", "length", "act_heads", None))
 
         if cache is None:
@@ -185,6 +224,9 @@ class Attention(nn.Module):
         attend = ATTENTION_FNS[resolve_attention_impl(cfg.attention_impl)]
         out = attend(q, keys, values, positions, kv_positions, kv_lengths, cfg.sliding_window,
                      self.arange_positions and cache is None)
+        if self.is_mutable_collection("intermediates"):  # the attention probe (models/attention_probe.py)
+            self.sow("intermediates", "last_query_attention",
+                     last_query_probs(q, keys, positions, kv_positions, kv_lengths, cfg.sliding_window))
 
         wo = self.param("wo", param_with_axes(init, ("heads", "head_dim", "embed")), (n, h, d), pdtype)
         return linear(out, wo.astype(dtype), fan_in_dims=2, impl=cfg.matmul_impl), cache

@@ -12,6 +12,9 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk")
+# Query scaling by the number of visible keys n (models/attention.py `logit_scale`): "logn" Qwen's log-n
+# attention, max(1, log n / log L); "learned" Scalable-Softmax (arXiv 2501.19399), s_h * log n.
+LOGIT_SCALINGS = ("none", "logn", "learned")
 # Named for the algorithm that runs, not the device; "auto" resolves per backend (`resolve_*_impl`).
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "pallas", "cudnn", "cpu_fused")  # models/attention.py
 MATMUL_IMPLS = ("auto", "xla", "cpu_panel")  # models/linear.py
@@ -138,6 +141,8 @@ class ModelConfig:
     rope_scaling: str = "none"  # context extension: "linear" (position interpolation) or "ntk"
     rope_scaling_factor: float = 1.0
     sliding_window: int = 0  # 0: full causal attention; w > 0: each query sees the last w keys
+    attention_logit_scaling: str = "none"  # see LOGIT_SCALINGS
+    logit_scaling_length: int = 0  # L: the training length the scaling is anchored to (scale 1 at n = L)
     qkv_bias: bool = False
     tie_embeddings: bool = True
     attention_impl: str = "auto"  # see ATTENTION_IMPLS; run records hold the resolved value
@@ -182,6 +187,14 @@ class ModelConfig:
               "expected >= 1 (the context extension factor)")
         check(self.sliding_window >= 0, p + "sliding_window", self.sliding_window,
               "expected 0 (off) or a positive window length")
+        check_choice(p + "attention_logit_scaling", self.attention_logit_scaling, LOGIT_SCALINGS)
+        if self.attention_logit_scaling == "none":
+            check(self.logit_scaling_length >= 0, p + "logit_scaling_length", self.logit_scaling_length,
+                  "expected >= 0 (unused without model.attention_logit_scaling)")
+        else:
+            check(self.logit_scaling_length >= 2, p + "logit_scaling_length", self.logit_scaling_length,
+                  f"expected the training length (>= 2) that model.attention_logit_scaling="
+                  f"{self.attention_logit_scaling!r} is anchored to")
         check(self.norm_eps > 0, p + "norm_eps", self.norm_eps, "expected > 0")
         check(self.init_std > 0, p + "init_std", self.init_std, "expected > 0")
         check_choice(p + "remat_policy", self.remat_policy, REMAT_POLICIES)
@@ -221,6 +234,7 @@ class ModelConfig:
         n, k = self.num_heads, self.num_kv_heads
         norm = d if self.norm == "rmsnorm" else 2 * d
         attn = d * n * h + 2 * d * k * h + n * h * d + (n * h + 2 * k * h if self.qkv_bias else 0)
+        attn += n if self.attention_logit_scaling == "learned" else 0
         per_ffn = 3 if self.mlp == "swiglu" else 2
         mlp = per_ffn * d * f
         moe, e = self.moe, self.moe.num_experts

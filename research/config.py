@@ -18,6 +18,27 @@ TOKENIZERS = ("bpe", "sentencepiece-bpe", "sentencepiece-unigram")
 
 
 @dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """What the retrieval task's training episodes look like (`data.task=retrieval`, research/needles.py)."""
+    min_length: int = 24  # shortest episode, in tokens
+    max_facts: int = 4  # facts per episode (each asked about once)
+    distractor_rate: float = 0.5  # share of episodes with 1-2 distractors (near-miss keys, stale values)
+    paraphrase_rate: float = 0.5  # share of facts worded unlike the question
+    context_loss: bool = False  # also score every other next token (language modelling on the haystack)
+
+    def __post_init__(self) -> None:
+        p = "data.retrieval."
+        check_finite(self, p)
+        check(self.min_length >= 8, p + "min_length", self.min_length, "expected an integer >= 8")
+        check(self.max_facts >= 1, p + "max_facts", self.max_facts, "expected an integer >= 1")
+        for name in ("distractor_rate", "paraphrase_rate"):
+            check(0 <= getattr(self, name) <= 1, p + name, getattr(self, name), "expected 0 <= value <= 1")
+
+
+TASKS = ("lm", "retrieval")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "embedded"  # "embedded", a text file, or a folder of text files
     tokenizer: str = "sentencepiece-bpe"  # vocabulary size is model.vocab_size
@@ -27,9 +48,12 @@ class DataConfig:
     split_seed: int = 0  # picks the validation documents; fixed across run seeds so their losses compare
     max_bytes: int = 0  # use only the first max_bytes of the text (0: all); keeps smoke runs fast
     cache_dir: str = ".cache"  # trained tokenizers and tokenized corpora
+    task: str = "lm"  # lm: next-token prediction on the text; retrieval: needles in haystacks of it
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     def __post_init__(self) -> None:
         check_finite(self, "data.")
+        check_choice("data.task", self.task, TASKS)
         check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         check(self.seq_len > 0, "data.seq_len", self.seq_len, "expected a positive integer")
         check(self.batch_size > 0, "data.batch_size", self.batch_size, "expected a positive integer")

@@ -157,6 +157,10 @@ class PackedDataset:
                             f"{self.batch_size} x seq_len={self.seq_len} needs at least {need}")
 
     @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    @property
     def num_windows(self) -> int:
         return max(self.tokens.size - 1, 0) // self.seq_len
 

@@ -23,24 +23,26 @@ CHUNK_TOKENS = 512  # tokens (batch x positions) per chunk: its [tokens, V] fp32
 
 def _chunks(x: jax.Array, targets: jax.Array, chunk_tokens: int) -> tuple[jax.Array, ...]:
     """x: [B, T, D], targets: [B, T] -> per chunk of c positions: x [n, B, c, D], x transposed
-    [n, D, B, c] (so that d W = x^T dlogits needs no copy per chunk), targets [n, B, c], valid [n, c].
+    [n, D, B, c] (so that d W = x^T dlogits needs no copy per chunk), targets [n, B, c], valid [n, B, c].
 
-    T is padded to whole chunks; padded positions are invalid: they add no loss and no gradient.
+    T is padded to whole chunks; padded positions and negative targets (context only, see `split_targets`)
+    are invalid: they add no loss and no gradient.
     """
     b, t, d = x.shape
     c = max(1, min(t, chunk_tokens // b))
     n = -(-t // c)
     x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0))).reshape(b, n, c, d)
-    targets = jnp.pad(targets, ((0, 0), (0, n * c - t))).reshape(b, n, c)
-    valid = (jnp.arange(n * c) < t).reshape(n, c)
-    return x.transpose(1, 0, 2, 3), x.transpose(1, 3, 0, 2), targets.transpose(1, 0, 2), valid
+    targets = jnp.pad(targets, ((0, 0), (0, n * c - t)), constant_values=-1).reshape(b, n, c).transpose(1, 0, 2)
+    valid = targets >= 0
+    return x.transpose(1, 0, 2, 3), x.transpose(1, 3, 0, 2), jnp.where(valid, targets, 0), valid
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def head_nll_sum(x: jax.Array, w: jax.Array, targets: jax.Array, chunk_tokens: int = CHUNK_TOKENS) -> jax.Array:
     """Summed next-token NLL of `targets` under the logits x @ w, chunk by chunk: [] fp32.
 
-    x: [B, T, D] final hidden states; w: [D, V] head weight, both in the compute dtype; targets: [B, T].
+    x: [B, T, D] final hidden states; w: [D, V] head weight, both in the compute dtype; targets: [B, T],
+    a negative target adding nothing (a context-only position).
     """
     return _forward(x, w, targets, chunk_tokens)[0]
 
@@ -51,13 +53,13 @@ def _forward(x: jax.Array, w: jax.Array, targets: jax.Array,
     b, t, d = x.shape
 
     def step(dw: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        xc, xc_t, tc, valid = chunk  # [B, c, D], [D, B, c], [B, c], [c]
+        xc, xc_t, tc, valid = chunk  # [B, c, D], [D, B, c], [B, c], [B, c]
         logits = jnp.einsum("bcd,dv->bcv", xc, w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
         dlogits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tc, w.shape[1], dtype=jnp.float32)
-        dlogits = jnp.where(valid[:, None], dlogits, 0.0).astype(x.dtype)
+        dlogits = jnp.where(valid[..., None], dlogits, 0.0).astype(x.dtype)
         dx = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("dbc,bcv->dv", xc_t, dlogits, preferred_element_type=jnp.float32)
         return dw, (nll, dx)

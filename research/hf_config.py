@@ -149,6 +149,8 @@ def export_family(cfg: ModelConfig) -> str:
     need(cfg.norm == "rmsnorm", "norm", cfg.norm, "the families use RMSNorm")
     need(cfg.mlp == "swiglu", "mlp", cfg.mlp, "the families use SwiGLU")
     need(cfg.position == "rope", "position", cfg.position, "the families use RoPE")
+    need(cfg.attention_logit_scaling == "none", "attention_logit_scaling", cfg.attention_logit_scaling,
+         "the families have no attention-logit scaling")
     moe = cfg.moe
     if not moe.num_experts:
         return "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"

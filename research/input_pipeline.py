@@ -10,7 +10,10 @@ import numpy as np
 
 from research.config import DataConfig
 from research.data import PackedDataset, load_text, pack_documents, split_documents, train_val_split
+from research.needles import Pieces, RetrievalDataset
 from research.tokenizer import Tokenizer, train_tokenizer
+
+Dataset = PackedDataset | RetrievalDataset  # batch(step), eval_batches(n), num_tokens
 
 
 def _encode_cached(tokenizer: Tokenizer, docs: list[str], cache: Path) -> np.ndarray:
@@ -25,12 +28,13 @@ def _encode_cached(tokenizer: Tokenizer, docs: list[str], cache: Path) -> np.nda
     return stream
 
 
-def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
+def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokenizer, Dataset, Dataset]:
     """Loads the text, trains (or reuses) the tokenizer on the training split, and packs both splits.
 
     The validation split is document-level and fixed by `cfg.split_seed`, not by the run's `seed` (which
     orders the training windows), so runs with different seeds are validated on the same documents and
-    share one tokenizer; the tokenizer never sees the validation split.
+    share one tokenizer; the tokenizer never sees the validation split. With `cfg.task == "retrieval"` the
+    datasets are needle-in-haystack episodes whose haystacks come from each split's prose.
     """
     text = load_text(cfg.source, cfg.cache_dir)
     if cfg.max_bytes:
@@ -38,6 +42,9 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokeniz
     train_docs, val_docs = train_val_split(split_documents(text), cfg.val_fraction, cfg.split_seed)
     train_text = "\n\n".join(train_docs)
     tokenizer = train_tokenizer(cfg.tokenizer, train_text, vocab_size, cfg.cache_dir)
+    if cfg.task == "retrieval":
+        return tokenizer, *(RetrievalDataset(Pieces(tokenizer, docs), cfg.seq_len, cfg.batch_size, seed, cfg.retrieval)
+                            for docs in (train_docs, val_docs))
 
     key = hashlib.sha256(f"{cfg.tokenizer}|{vocab_size}|{cfg.val_fraction}|{cfg.split_seed}|".encode()
                          + text.encode("utf-8")).hexdigest()[:16]

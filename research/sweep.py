@@ -281,6 +281,12 @@ def run_sweep(sweep: Sweep, out: str | Path, jobs: int = 1, extra_overrides: Seq
     return record()
 
 
+def run_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many of `run_sweep`'s cells were trained now, reused, or failed (a run shared by cells counts once)."""
+    status = {r["key"]: r["status"] for r in rows}
+    return {s: sum(v == s for v in status.values()) for s in ("done", "reused", "failed")}
+
+
 def load_runs(out: str | Path) -> list[dict[str, Any]]:
     """The finished cells of a sweep directory, each with its summary, config and metrics records."""
     out = Path(out)

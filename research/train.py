@@ -219,8 +219,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress:
             to_dict(cfg), cfg.seed, resumed_from=start_step, matmul_peak_flops=peak, peak_source=peak_source,
             # What "auto" ran as on this backend (models/config.py: resolve_*_impl).
             implementations={name: getattr(cfg.model.resolved(), name) for name in ("attention_impl", "matmul_impl")},
-            param_count=cfg.model.param_count(), train_tokens=int(train_data.tokens.size),
-            val_tokens=int(val_data.tokens.size)))
+            param_count=cfg.model.param_count(), train_tokens=train_data.num_tokens,
+            val_tokens=val_data.num_tokens))
     log = MetricsLog(out / "metrics.jsonl", start_step, enabled=main)
 
     first = int(state.step)

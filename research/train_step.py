@@ -80,17 +80,30 @@ class _InMesh:
             return self.jitted.lower(*args)
 
 
+def split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """batch: [B, T + 1] stored ids -> inputs [B, T], targets [B, T], scored [B, T] bool.
+
+    A stored id may be negative, ~id: that token is context only (fed to the model, never scored as a
+    target), e.g. everything but the answers of the retrieval task (`research/needles.py`). LM data has
+    none. One int array keeps batches one shape and one sharding for every task.
+    """
+    ids = jnp.where(batch < 0, ~batch, batch)
+    targets = batch[:, 1:]
+    return ids[:, :-1], targets, targets >= 0
+
+
 def lm_loss(model: Transformer, params: Any, batch: jax.Array,
             rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-    """batch: [B, T + 1] tokens -> (objective, (mean next-token nll, aux)), in training mode.
+    """batch: [B, T + 1] stored ids (`split_batch`) -> (objective, (mean nll of the scored targets, aux)),
+    in training mode.
 
     rng: the step's key, for the MoE router noise and jitter. The head and the cross-entropy are
     applied a chunk of positions at a time (`head_nll_sum`): the [B, T, V] logits are never stored.
     """
-    hidden, _, aux = model.apply({"params": params}, batch[:, :-1], train=True, rngs={"router": rng},
-                                 return_hidden=True)
-    targets = batch[:, 1:]
-    nll = head_nll_sum(hidden, head_weight(model.cfg, params), targets) / targets.size
+    inputs, targets, scored = split_batch(batch)
+    hidden, _, aux = model.apply({"params": params}, inputs, train=True, rngs={"router": rng}, return_hidden=True)
+    count = jnp.maximum(jnp.sum(scored), 1).astype(jnp.float32)
+    nll = head_nll_sum(hidden, head_weight(model.cfg, params), targets) / count
     total = nll + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
     return total, (nll, aux)
 
@@ -127,9 +140,10 @@ def build_steps(cfg: TrainConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> S
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params: Any, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits, _, _ = model.apply({"params": params}, batch[:, :-1])
-        nll = cross_entropy(logits, batch[:, 1:])
-        return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+        inputs, targets, scored = split_batch(batch)
+        logits, _, _ = model.apply({"params": params}, inputs)
+        nll = cross_entropy(logits, jnp.where(scored, targets, 0))
+        return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored).astype(jnp.float32)
 
     def in_mesh(jitted: Any) -> Callable:
         return _InMesh(jitted, mesh, rules)

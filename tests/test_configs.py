@@ -34,6 +34,7 @@ def test_every_preset_builds_and_its_train_step_lowers(name):
 def test_presets_cover_the_required_sizes():
     assert {"smoke", "tiny"} <= set(list_configs())
     assert 80e6 < get_config("llama-100m").model.param_count() < 130e6
+    assert 0.9e9 < get_config("llama-1b").model.param_count() < 1.2e9
 
 
 def test_overrides_are_typed():
