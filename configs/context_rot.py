@@ -8,7 +8,8 @@ switched on, as Qwen applies it, and reported as the `logn` condition. The evalu
 (research/needles.py) at context lengths within the training length and beyond it.
 
   smoke  a few training steps and a handful of episodes: the test suite runs it end to end (~1 minute)
-  quick  the committed figures: 2 trained scalings x 3 seeds on 2 CPU cores, then every evaluation
+  quick  the committed figures: 2 trained scalings x 3 seeds (1250 steps) on 2 CPU cores, then every
+         evaluation, within 15 minutes
   full   longer training, longer contexts, more episodes per cell: for an accelerator
 """
 
@@ -56,14 +57,14 @@ def smoke() -> Study:
     return Study("context-rot-smoke", 64,
                  sweep("context-rot-smoke", 64, ("steps=8", "log_every=4", "eval_every=8", "eval_batches=1",
                                                  "checkpoint_every=8", "data.batch_size=4", "data.max_bytes=400000",
-                                                 "model.vocab_size=1024", "model.max_seq_len=256"),
+                                                 "model.max_seq_len=256"),
                        (0,)),
                  lengths=(32, 64, 128), examples=2, depths=(0.0, 0.5, 1.0), distractors=(0, 1),
                  items=(2, 3), item_tokens=24, gold_positions=2, batch=8)
 
 
 def quick() -> Study:
-    return Study("context-rot-quick", 128, sweep("context-rot-quick", 128, (), (0, 1, 2)),
+    return Study("context-rot-quick", 128, sweep("context-rot-quick", 128, ("steps=1250",), (0, 1, 2)),
                  lengths=(32, 64, 128, 256, 512), examples=16, item_tokens=10)
 
 

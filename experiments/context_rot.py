@@ -66,12 +66,13 @@ def run_data(run_dir: Path) -> tuple[DataConfig, int]:
     return cfg.data, cfg.data.seq_len if cfg.data.task == "retrieval" else cfg.model.max_seq_len
 
 
-def held_out_documents(data: DataConfig) -> list[str]:
-    """The validation documents of the run's data: haystacks the model never trained on."""
+def split(data: DataConfig) -> tuple[list[str], list[str]]:
+    """The run's training and validation documents: haystacks come from the second, which the model never
+    trained on; keys and values are chosen with the first's word counts, as in training."""
     text = load_text(data.source, data.cache_dir)
     if data.max_bytes:
         text = text.encode("utf-8")[:data.max_bytes].decode("utf-8", errors="ignore")
-    return train_val_split(split_documents(text), data.val_fraction, data.split_seed)[1]
+    return train_val_split(split_documents(text), data.val_fraction, data.split_seed)
 
 
 def load_model(run_dir: Path, logn_length: int = 0) -> evals.Model:
@@ -83,7 +84,8 @@ def load_model(run_dir: Path, logn_length: int = 0) -> evals.Model:
     if tokenizer is None:
         raise RunError(f"{run_dir}: no tokenizer saved with the checkpoint; the needles need the model's tokenizer")
     prefix = np.array([tokenizer.bos_id] if tokenizer.add_bos_default else [], np.int32)
-    return evals.Model(cfg, params, Pieces(tokenizer, held_out_documents(run_data(run_dir)[0])), prefix)
+    train, val = split(run_data(run_dir)[0])
+    return evals.Model(cfg, params, Pieces(tokenizer, val, train), prefix)
 
 
 def evaluate(run_dir: Path, study: Study, cache: Path, logn_length: int = 0) -> dict[str, list[dict[str, Any]]]:

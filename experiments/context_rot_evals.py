@@ -22,7 +22,7 @@ from configs.context_rot import Study
 from models.attention_probe import last_query_attention
 from models.config import ModelConfig
 from models.transformer import Transformer
-from research.needles import Episode, Pieces, episode
+from research.needles import Episode, Pieces, episode, min_length
 
 Row = dict[str, Any]
 
@@ -80,10 +80,13 @@ def niah(model: Model, study: Study) -> list[Row]:
 
 
 def distractors(model: Model, study: Study) -> list[Row]:
-    """Accuracy against length for each number of distractors, and, when wrong, whose value was answered."""
+    """Accuracy against length for each number of distractors, and, when wrong, whose value was answered.
+    A length is left out for a count whose facts would fill more than half of it (no haystack to speak of)."""
     rows = []
     for length in study.lengths:
         for count in study.distractors:
+            if min_length(model.pieces, 1 + count) > length // 2 + len(model.pieces.question("x")):
+                continue
             eps = episodes(model, study, ("distractors", length, count), length=length, distractors=count)
             answered = {kind: 0 for kind in ("needle", "near_miss", "stale", "other")}
             for kind in ("needle", "near_miss", "stale"):

@@ -24,7 +24,6 @@ class RetrievalConfig:
     max_facts: int = 4  # facts per episode (each asked about once)
     distractor_rate: float = 0.5  # share of episodes with 1-2 distractors (near-miss keys, stale values)
     paraphrase_rate: float = 0.5  # share of facts worded unlike the question
-    context_loss: bool = False  # also score every other next token (language modelling on the haystack)
 
     def __post_init__(self) -> None:
         p = "data.retrieval."

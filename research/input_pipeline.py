@@ -43,8 +43,8 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokeniz
     train_text = "\n\n".join(train_docs)
     tokenizer = train_tokenizer(cfg.tokenizer, train_text, vocab_size, cfg.cache_dir)
     if cfg.task == "retrieval":
-        return tokenizer, *(RetrievalDataset(Pieces(tokenizer, docs), cfg.seq_len, cfg.batch_size, seed, cfg.retrieval)
-                            for docs in (train_docs, val_docs))
+        return tokenizer, *(RetrievalDataset(Pieces(tokenizer, docs, train_docs), cfg.seq_len, cfg.batch_size, seed,
+                                             cfg.retrieval) for docs in (train_docs, val_docs))
 
     key = hashlib.sha256(f"{cfg.tokenizer}|{vocab_size}|{cfg.val_fraction}|{cfg.split_seed}|".encode()
                          + text.encode("utf-8")).hexdigest()[:16]

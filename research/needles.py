@@ -34,24 +34,31 @@ from research.config import RetrievalConfig
 from research.data import DataError
 
 WORD = re.compile(r" [a-z]{4,}")  # a key or value: a one-token lowercase word of 4+ letters, space included
-MIN_WORDS = 16
+MIN_WORDS = 32  # keys and values each: lost in the middle with k = 30 needs 30 of both
+COMMON = 0.01  # share of sentences a key or value word may occur in
 TEMPLATES = {"same": (" The code of", " is"), "paraphrase": (" Note that", " pairs with")}
 QUESTION = TEMPLATES["same"]  # the question is the same-worded fact cut before its value
 RESERVED = {w for pair in TEMPLATES.values() for part in pair for w in part.lower().split()}  # never a key or value
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def prose(documents: Sequence[str]) -> list[str]:
+    """The sentences of the documents that are paragraphs of prose (no line breaks, several sentences)."""
+    return [s for doc in documents if "\n" not in doc and ". " in doc for s in SENTENCE_END.split(doc.strip()) if s]
+
+
 class Pieces:
     """A tokenizer's ids for the fixed pieces of the task, and its sentence pool (the haystack source).
 
-    sentences: prose from the corpus (documents of one paragraph); each is tokenized with a leading space.
+    sentences: prose from `documents` (paragraphs), each tokenized with a leading space; the keys and values
+    are chosen with word counts from `word_documents` (default: `documents`), which evaluation sets to the
+    training split so that both draw from the same sets.
     """
 
-    def __init__(self, tokenizer, documents: Sequence[str], max_sentences: int = 60_000):
+    def __init__(self, tokenizer, documents: Sequence[str], word_documents: Sequence[str] | None = None,
+                 max_sentences: int = 60_000):
         self.tokenizer = tokenizer
-        texts = [s for doc in documents if "\n" not in doc and ". " in doc
-                 for s in SENTENCE_END.split(doc.strip()) if s]
-        texts = texts[:max_sentences]
+        texts = prose(documents)[:max_sentences]
         if len(texts) < 20:
             raise DataError(f"data: {len(texts)} prose sentences for haystacks; the retrieval task needs at "
                             "least 20 (paragraphs of several sentences, no line breaks)")
@@ -60,20 +67,26 @@ class Pieces:
                                                                                    add_bos=False)]
         self.lengths = np.array([len(t) for t in self.tokens])
         self._cache: dict[str, np.ndarray] = {}
-        self.keys, self.values = self._words(tokenizer)
+        self.keys, self.values = self._words(tokenizer, prose(word_documents) if word_documents is not None else texts)
 
     @staticmethod
-    def _words(tokenizer) -> tuple[list[str], list[str]]:
-        """Keys and values: the tokenizer's one-token words (ids that round-trip), split in two by a hash of
-        the word, so they depend on the tokenizer alone: training and evaluation draw from the same sets."""
+    def _words(tokenizer, sentences: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Keys and values: the tokenizer's one-token words (ids that round-trip) found in at most COMMON of
+        `sentences` (common words made poor keys: haystacks are full of them), split in two by a hash of the
+        word. Training and evaluation must pass the same sentences (the training split's) to get the same sets."""
+        counts: dict[str, int] = {}
+        for text in sentences:
+            for word in set(re.findall(r"[a-z]+", text.lower())):
+                counts[word] = counts.get(word, 0) + 1
         words = []
         for i, raw in enumerate(tokenizer.token_bytes()):
             text = raw.decode("utf-8", errors="replace") if raw else ""
-            if WORD.fullmatch(text) and text[1:] not in RESERVED and list(tokenizer.encode(text, add_bos=False)) == [i]:
+            if (WORD.fullmatch(text) and text[1:] not in RESERVED and counts.get(text[1:], 0) <= COMMON * len(sentences)
+                    and list(tokenizer.encode(text, add_bos=False)) == [i]):
                 words.append(text[1:])
         if len(words) < 2 * MIN_WORDS:
-            raise DataError(f"the tokenizer has {len(words)} one-token lowercase words of 4+ letters; the retrieval "
-                            f"task needs {2 * MIN_WORDS} (a larger vocabulary)")
+            raise DataError(f"the tokenizer has {len(words)} one-token lowercase words of 4+ letters that are not "
+                            f"common in the text; the retrieval task needs {2 * MIN_WORDS} (a larger vocabulary)")
         words.sort()
         return ([w for w in words if zlib.crc32(w.encode()) % 2 == 0],
                 [w for w in words if zlib.crc32(w.encode()) % 2 == 1])
@@ -223,14 +236,18 @@ def fact_tokens(pieces: Pieces, template: str) -> int:
     return len(pieces.ids(head)) + len(pieces.ids(middle)) + len(pieces.ids(".")) + 2
 
 
+def min_length(pieces: Pieces, facts: int, template: str = "same") -> int:
+    """The shortest episode with `facts` facts and a question: no haystack at all."""
+    return len(pieces.ids(QUESTION[0])) + len(pieces.ids(QUESTION[1])) + 1 + facts * fact_tokens(pieces, template)
+
+
 def episode(pieces: Pieces, rng: np.random.Generator, length: int, depth: float | None = None,
             distractors: int = 0, template: str = "same", shuffled: bool = False, others: int = 0,
             gold_index: int | None = None) -> Episode:
     """One question about one needle, at `depth` (None: uniform), with `distractors` near-miss (even i) and
     stale (odd i) facts; or, with `others` > 0, lost in the middle: the needle is item `gold_index` of
     `others` + 1 facts about different keys spread evenly through the haystack."""
-    question_tokens = len(pieces.ids(QUESTION[0])) + len(pieces.ids(QUESTION[1])) + 1
-    room = length - question_tokens - (1 + distractors + others) * fact_tokens(pieces, template)
+    room = length - min_length(pieces, 1 + distractors + others, template)
     if room < 0:
         raise DataError(f"length={length}: the facts and the question alone take {length - room} tokens")
     hay = pieces.haystack(rng, room, shuffled)  # drawn first: keys and values avoid its words
@@ -263,7 +280,8 @@ def training_episode(pieces: Pieces, rng: np.random.Generator, length: int,
     fits = (length - num_distractors * widest) // (widest + qa_tokens)  # facts that fit with their questions
     if fits < 1:  # too short: plain context, nothing scored
         return pieces.haystack(rng, length).ids, np.zeros(length, bool)
-    num_facts = int(rng.integers(1, min(mix.max_facts, fits) + 1))
+    most = min(mix.max_facts, fits)
+    num_facts = int(rng.integers((most + 1) // 2, most + 1))  # dense: more answers per token speed learning up
     templates = ["paraphrase" if rng.random() < mix.paraphrase_rate else "same" for _ in range(num_facts)]
     room = (length - sum(fact_tokens(pieces, t) for t in templates) - num_facts * qa_tokens
             - num_distractors * widest)
@@ -321,8 +339,7 @@ class RetrievalDataset:
             ids.append(part)
             scored.append(mask)
             n -= length
-        scored = np.concatenate(scored)
-        return context_only(np.concatenate(ids), scored | self.mix.context_loss)
+        return context_only(np.concatenate(ids), np.concatenate(scored))
 
     def batch(self, step: int) -> np.ndarray:
         """[batch_size, seq_len + 1] int32."""
