@@ -5,9 +5,10 @@ question about one key (" The code of harbour is"); the answer is the value's id
 piece is tokenized on its own and the pieces are concatenated, so the answer's id is exactly the one in the
 needle, and a needle lands exactly at the sentence boundary its depth asks for.
 
-Keys and values are words that the tokenizer spells as one token (with the space before them), drawn
-from two disjoint halves of those words and redrawn until neither occurs in the haystack's sentences, so
-the only copies of a key or value are the facts placed on purpose, and an answer is one token.
+Keys and values are words that the tokenizer spells as one token (with the space before them) and that
+are rare in the training text, split into two disjoint sets by a hash of the word; they are drawn so that
+neither occurs in the episode's haystack, so the only copies of a key or value are the facts placed on
+purpose, and an answer is one token.
 Distractors are facts placed on purpose too:
 
   near_miss  the key spelled most like the asked one (fewest edits), with another value (anywhere)
@@ -84,12 +85,13 @@ class Pieces:
             if (WORD.fullmatch(text) and text[1:] not in RESERVED and counts.get(text[1:], 0) <= COMMON * len(sentences)
                     and list(tokenizer.encode(text, add_bos=False)) == [i]):
                 words.append(text[1:])
-        if len(words) < 2 * MIN_WORDS:
-            raise DataError(f"the tokenizer has {len(words)} one-token lowercase words of 4+ letters that are not "
-                            f"common in the text; the retrieval task needs {2 * MIN_WORDS} (a larger vocabulary)")
-        words.sort()
-        return ([w for w in words if zlib.crc32(w.encode()) % 2 == 0],
-                [w for w in words if zlib.crc32(w.encode()) % 2 == 1])
+        keys = sorted(w for w in words if zlib.crc32(w.encode()) % 2 == 0)
+        values = sorted(w for w in words if zlib.crc32(w.encode()) % 2 == 1)
+        if min(len(keys), len(values)) < MIN_WORDS:
+            raise DataError(f"the tokenizer has {len(keys)} key and {len(values)} value words (one-token lowercase "
+                            f"words of 4+ letters, rare in the text); the retrieval task needs {MIN_WORDS} of each "
+                            "(a larger vocabulary)")
+        return keys, values
 
     def ids(self, text: str) -> np.ndarray:
         if text not in self._cache:

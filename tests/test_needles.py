@@ -149,3 +149,11 @@ def test_retrieval_config_is_validated_in_one_line():
         apply_overrides(cfg, ["data.retrieval.distractor_rate=1.5"])
     with pytest.raises(Exception, match=r"^data\.task='qa': expected one of"):
         apply_overrides(cfg, ["data.task=qa"])
+
+
+def test_a_vocabulary_without_enough_one_token_words_is_refused_in_one_line(tmp_path):
+    train, val = train_val_split(split_documents(load_text("embedded", ".cache")[:300_000]), 0.05, 0)
+    small = train_tokenizer("bpe", "\n\n".join(train), 384, str(tmp_path))
+    with pytest.raises(DataError, match=r"^the tokenizer has \d+ key and \d+ value words .* needs 32 of each "
+                                        r"\(a larger vocabulary\)$"):
+        Pieces(small, val, train)
