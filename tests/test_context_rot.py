@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -149,3 +150,34 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert err == message
     assert not out.exists()
+
+
+def test_needle_attention_mass_and_entropy_match_a_numpy_forward(smoke):
+    """The dilution measurement (spans, the answering query, head and episode means) against a float64 NumPy
+    forward of a tiny random model on the same episodes."""
+    from test_attention_probe import np_last_query_attention
+
+    from models.config import ModelConfig
+    from models.transformer import init_params, unbox
+
+    out, _ = smoke
+    run = Path(json.loads((out / "summary.json").read_text())["models"][0]["dir"])
+    real = study.load_model(run)
+    cfg = ModelConfig(vocab_size=real.cfg.vocab_size, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=32,
+                      max_seq_len=128, init_std=0.3)
+    params = unbox(init_params(cfg, jax.random.key(0)))
+    model = evals.Model(cfg, params, real.pieces, real.prefix)
+    tiny = dataclasses.replace(get_study("smoke"), lengths=(40, 80), examples=3, batch=2)
+    rows = evals.dilution(model, tiny)
+    lead = evals.leading_space_ids(model)
+    for length in tiny.lengths:
+        eps = evals.episodes(model, tiny, ("dilution", length), length=length)
+        ids = np.stack([np.concatenate([ep.tokens, ep.answer[:lead]]) for ep in eps])
+        probs = np_last_query_attention(cfg, params, ids)  # [layers, B, N, S]
+        for layer in range(cfg.num_layers):
+            mass = np.mean([probs[layer, i, :, slice(*ep.needle)].sum(-1).mean() for i, ep in enumerate(eps)])
+            entropy = np.mean(-(probs[layer] * np.log(probs[layer])).sum(-1).mean(-1))
+            row = next(r for r in rows if r["length"] == length and r["layer"] == layer)
+            assert row["needle_mass"] == pytest.approx(mass, abs=1e-5)
+            assert row["entropy"] == pytest.approx(entropy, abs=1e-4)
+            assert 0 < row["needle_mass"] < 1
