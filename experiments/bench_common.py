@@ -8,12 +8,14 @@ import datetime
 import importlib.metadata
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from models.transformer import Transformer, init_params, unbox
+from research.cli import ArgumentParser
 from research.config import MeshConfig, TrainConfig, to_dict
 from research.mesh import make_mesh, put_batch
 from research.run_record import device_info, library_versions
@@ -104,3 +106,15 @@ def environment(load_start: tuple[float, float, float]) -> dict[str, Any]:
 def resolved_config(cfg: TrainConfig) -> dict:
     """The config as a dict with the model's "auto" implementations resolved: what the benchmark ran."""
     return to_dict(dataclasses.replace(cfg, model=cfg.model.resolved()))
+
+
+def bench_args(argv: list[str] | None, doc: str, default_out: Path, quick_help: str):
+    """Every benchmark's command line: --out (its results JSON file) and --quick (what the tests run)."""
+    parser = ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_out, help="results JSON file")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser.parse_args(argv)
+
+
+def markdown_rows(rows: list[tuple[str, ...]]) -> str:
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from models.attention import masked_attention
 from models.kernels.decode_attention import DecodeBlockSizes, decode_attention
 from models.kernels.flash_attention import BlockSizes, flash_attention
-from research.cli import ArgumentParser
+from experiments.bench_common import bench_args
 from research.flops import measure_matmul_peak
 from research.run_record import device_info, git_commit, library_versions, write_json_atomic
 
@@ -201,10 +201,7 @@ def targets(results: dict[str, Any]) -> dict[str, bool | None]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and tile choices")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "fewer shapes and tile choices")
     results: dict[str, Any] = {
         "quick": args.quick, "gpu_available": jax.default_backend() == "gpu", "devices": device_info(),
         "device": jax.devices()[0].device_kind, "versions": library_versions(), "git_commit": git_commit(),

@@ -22,9 +22,8 @@ from typing import Any
 import jax
 
 from configs import get_config
-from experiments.bench_common import environment
+from experiments.bench_common import bench_args, environment
 from research.checkpoint import Checkpointer
-from research.cli import ArgumentParser
 from research.mesh import make_mesh
 from research.run_record import write_json_atomic
 from research.train_step import build_steps
@@ -63,10 +62,7 @@ def bench_preset(name: str, scratch: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="the smoke preset only")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "the smoke preset only")
 
     load_start = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from configs.presets import deep_24, smoke
-from experiments.bench_common import environment, interleaved_best, random_tokens, resolved_config
-from research.cli import ArgumentParser
+from experiments.bench_common import (bench_args, environment, interleaved_best, markdown_rows, random_tokens,
+                                      resolved_config)
 from research.config import MeshConfig, TrainConfig
 from research.mesh import make_mesh, put_batch
 from research.run_record import write_json_atomic
@@ -92,14 +92,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         rows.append((key, f"{r['lower_seconds']:.2f}", f"{r['compile_seconds']:.2f}", f"{r['total_seconds']:.2f}",
                      f"{r['total_vs_loop']:.2f}", f"{r['stablehlo_chars']:,}", temp,
                      f"{r['step_seconds']:.3f}"))
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="the smoke preset (2 blocks), one compile round")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "the smoke preset (2 blocks), one compile round")
 
     load_start = os.getloadavg()
     base = smoke() if args.quick else deep_24()

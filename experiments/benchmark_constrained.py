@@ -35,9 +35,8 @@ from decoding.beam_search import BeamConfig, beam_search
 from decoding.constraint import END, Budget, ConstraintError, compile_regex, constrain
 from decoding.generate import generate
 from decoding.json_schema import schema_to_regex
-from experiments.bench_common import environment, interleaved_best, resolved_config
+from experiments.bench_common import bench_args, environment, interleaved_best, resolved_config
 from models.transformer import init_params, unbox
-from research.cli import ArgumentParser
 from research.corpus import embedded_corpus_path
 from research.input_pipeline import build_datasets
 from research.run_record import write_json_atomic
@@ -117,10 +116,7 @@ def time_steps(runners: dict[str, Callable[[], int]], repeats: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="small vocabulary and few steps (for the tests)")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "small vocabulary and few steps (for the tests)")
     load_start = os.getloadavg()
 
     base = get_config("tiny")

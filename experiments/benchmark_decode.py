@@ -31,7 +31,7 @@ import numpy as np
 from decoding.beam_search import BeamConfig, beam_search
 from decoding.generate import generate, greedy_by_recompute
 from decoding.sampling import make_sampler
-from experiments.bench_common import environment
+from experiments.bench_common import environment, markdown_rows
 from models.config import ModelConfig
 from models.kernels import cpu
 from models.transformer import init_params, unbox
@@ -262,7 +262,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                      f"{r['ratio_vs_hf']:.1f}x" if "ratio_vs_hf" in r else "",
                      f"{r['ratio_vs_reference_hf']:.1f}x" if "ratio_vs_reference_hf" in r else ""))
     s = results["streaming"]
-    lines = ["\n".join("| " + " | ".join(row) + " |" for row in rows), "",
+    lines = [markdown_rows(rows), "",
              "| streaming (greedy, batch 1) | tok/s | cost per token (us) |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {r['tokens_per_s']:,.0f} | {r['overhead_per_token_us']:.0f} |"
               for name, r in s["runs"].items()]

@@ -31,14 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.presets import mixtral_22m, smoke
-from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
-                                      interleaved_best, random_tokens, resolved_config, train_runner)
+from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, bench_args, environment, forward_runner,
+                                      interleaved_best, markdown_rows, random_tokens, resolved_config, train_runner)
 from models.config import ModelConfig
 from models.kernels import cpu
 from models.mlp import MLP
 from models.moe import MoE, expert_capacity, expert_ffn, slot_positions
 from models.transformer import unbox
-from research.cli import ArgumentParser
 from research.config import TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain
 from research.run_record import write_json_atomic
@@ -202,14 +201,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         peak += (f", HF {hf['mfu']:.0%}; at the peak end to end ours would be "
                  f"{results['forward']['ratio_vs_hf_at_peak']:.2f}x HF")
     rows.append((peak, "", "", ""))
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="smoke-sized shapes, 2 timed steps, no HF")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "smoke-sized shapes, 2 timed steps, no HF")
 
     load_start = os.getloadavg()
     base = quick_config() if args.quick else mixtral_22m()

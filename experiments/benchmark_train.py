@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from configs.presets import bench_512, smoke
-from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, environment, forward_runner,
-                                      interleaved_best, random_tokens, resolved_config, train_runner)
+from experiments.bench_common import (PEAK_SIZE, QUICK_PEAK_SIZE, Runner, bench_args, environment, forward_runner,
+                                      interleaved_best, markdown_rows, random_tokens, resolved_config, train_runner)
 from models.config import ModelConfig
-from research.cli import ArgumentParser
 from research.config import DataConfig, TrainConfig
 from research.flops import forward_flops_per_token, matmul_chain, measure_matmul_peak, train_flops_per_token
 from research.run_record import write_json_atomic
@@ -106,14 +105,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     base = f"{hf['tokens_per_s']:,.0f} (HF)" if isinstance(hf, dict) else f"HF {hf}"
     ratio = f"{fwd['ratio_vs_hf']:.2f}" if isinstance(hf, dict) else ""
     rows.append((f"forward {fwd['name']} {shape} (tokens/s)", f"{fwd['tokens_per_s']:,.0f}", base, ratio))
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
-    parser.add_argument("--quick", action="store_true", help="smoke-sized shapes, 2 timed steps, no HF")
-    args = parser.parse_args(argv)
+    args = bench_args(argv, __doc__, DEFAULT_OUT, "smoke-sized shapes, 2 timed steps, no HF")
 
     load_start = os.getloadavg()
     peak_size = QUICK_PEAK_SIZE if args.quick else PEAK_SIZE

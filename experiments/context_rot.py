@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import multiprocessing
@@ -45,8 +44,9 @@ from experiments import context_rot_plots as plots
 from experiments.context_rot_report import write_report
 from models.config import ConfigError
 from research.cli import ArgumentParser
-from research.config import DataConfig
-from research.data import DataError, load_text, split_documents, train_val_split
+from research.config import DataConfig, config_hash
+from research.data import DataError
+from research.input_pipeline import split_text
 from research.needles import Pieces
 from research.run_record import write_json_atomic
 from research.runs import RunError, load_run, read_run_config
@@ -66,15 +66,6 @@ def run_data(run_dir: Path) -> tuple[DataConfig, int]:
     return cfg.data, cfg.data.seq_len if cfg.data.task == "retrieval" else cfg.model.max_seq_len
 
 
-def split(data: DataConfig) -> tuple[list[str], list[str]]:
-    """The run's training and validation documents: haystacks come from the second, which the model never
-    trained on; keys and values are chosen with the first's word counts, as in training."""
-    text = load_text(data.source, data.cache_dir)
-    if data.max_bytes:
-        text = text.encode("utf-8")[:data.max_bytes].decode("utf-8", errors="ignore")
-    return train_val_split(split_documents(text), data.val_fraction, data.split_seed)
-
-
 def load_model(run_dir: Path, logn_length: int = 0) -> evals.Model:
     """The run's model; with `logn_length`, evaluated with log-n attention scaling anchored there (it is 1
     within that length, so weights trained without it are the weights it would have trained)."""
@@ -84,16 +75,15 @@ def load_model(run_dir: Path, logn_length: int = 0) -> evals.Model:
     if tokenizer is None:
         raise RunError(f"{run_dir}: no tokenizer saved with the checkpoint; the needles need the model's tokenizer")
     prefix = np.array([tokenizer.bos_id] if tokenizer.add_bos_default else [], np.int32)
-    train, val = split(run_data(run_dir)[0])
+    _, train, val = split_text(run_data(run_dir)[0])  # haystacks from text the model never trained on
     return evals.Model(cfg, params, Pieces(tokenizer, val, train), prefix)
 
 
 def evaluate(run_dir: Path, study: Study, cache: Path, logn_length: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Every evaluation's rows for one model, from `cache` when this study already evaluated it."""
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").is_dir() else []
-    key = hashlib.sha256(json.dumps({**{k: v for k, v in vars(study).items() if k != "sweep"},
-                                     "run": str(run_dir.resolve()), "checkpoints": checkpoints, "logn": logn_length},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = config_hash({**{k: v for k, v in vars(study).items() if k != "sweep"}, "run": str(run_dir.resolve()),
+                       "checkpoints": checkpoints, "logn": logn_length})
     if cache.exists():
         found = json.loads(cache.read_text())
         if found.get("key") == key:
@@ -204,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/context_rot_{args.preset}")
     try:
         study = get_study(args.preset)
+        if args.jobs < 1:  # checked here too: with --checkpoint no sweep runs to check it
+            raise ConfigError(f"--jobs={args.jobs}: expected a positive number of parallel runs")
         if args.checkpoint and not Path(args.checkpoint).is_dir():
             raise RunError(f"--checkpoint {args.checkpoint}: not a directory")
         if args.checkpoint and args.overrides:

@@ -66,28 +66,13 @@ def logit_scale(positions: jax.Array, cfg: ModelConfig, s: jax.Array | None = No
     return log_n * s.astype(jnp.float32)
 
 
-def last_query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                     kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
-    """The attention probabilities of the last query (row T-1) over every key: [B, N, S] float32.
+def masked_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                 kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """Softmax attention probabilities in plain jnp, fp32 logits and softmax: [B, K, T, G, S] float32.
 
-    Shapes as in `masked_attention`; query head i reads kv head i // G. Computed apart from the attention
-    functions (the fused ones never form the probabilities), at full float32 precision, as it is a measurement.
-    """
-    h, g = q.shape[-1], q.shape[2] // k.shape[2]
-    q_last = q[:, -1].astype(jnp.float32)  # [B, N, H]
-    k = jnp.repeat(k.astype(jnp.float32), g, axis=2)  # [B, S, N, H]
-    logits = jnp.einsum("bnh,bsnh->bns", q_last, k, precision=jax.lax.Precision.HIGHEST) * (h ** -0.5)
-    mask = attention_mask(q_positions[:, -1:], kv_positions, kv_lengths, sliding_window)  # [B, 1, S]
-    return jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                     kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
-    """Softmax attention in plain jnp, fp32 logits and softmax, for any positions (and a KV cache).
-
-    q: [B, T, N, H]; k, v: [B, S, K, H]; positions and lengths as in `attention_mask` -> [B, T, N, H].
-    Masked logits are -inf; every query sees at least itself, so no row is fully masked. The grouped
-    layout (`grouped`) makes the scores one plain batched matmul per kv head, K/V never repeated.
+    q: [B, T, N, H]; k: [B, S, K, H]; positions and lengths as in `attention_mask`. Query head i = k * G + g
+    reads kv head k. Masked logits are -inf; every query sees at least itself, so no row is fully masked.
+    The grouped layout (`grouped`) makes the scores one plain batched matmul per kv head, K never repeated.
     """
     b, t, n, h = q.shape
     kv_heads, s = k.shape[2], k.shape[1]
@@ -95,8 +80,27 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     logits = jnp.einsum("bkqh,bksh->bkqs", grouped(q, kv_heads), k.transpose(0, 2, 1, 3),
                         preferred_element_type=jnp.float32) * (h ** -0.5)
     logits = jnp.where(mask[:, None, :, None, :], logits.reshape(b, kv_heads, t, n // kv_heads, s), -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, -1, s)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                     kv_positions: jax.Array, kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """Softmax attention in plain jnp (`masked_probs`), for any positions (and a KV cache).
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; positions and lengths as in `attention_mask` -> [B, T, N, H].
+    """
+    b, t, _, _ = q.shape
+    probs = masked_probs(q, k, q_positions, kv_positions, kv_lengths, sliding_window)
+    probs = probs.astype(v.dtype).reshape(b, k.shape[2], -1, k.shape[1])
     return ungrouped(jnp.einsum("bkqs,bksh->bkqh", probs, v.transpose(0, 2, 1, 3)), t)
+
+
+def last_query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                     kv_lengths: jax.Array | None, sliding_window: int) -> jax.Array:
+    """The attention probabilities of the last query (row T-1) over every key: [B, N, S] float32, for the
+    attention probe (the fused attention functions never form them). Shapes as in `masked_probs`."""
+    probs = masked_probs(q[:, -1:], k, q_positions[:, -1:], kv_positions, kv_lengths, sliding_window)
+    return probs.reshape(q.shape[0], q.shape[2], k.shape[1])  # [B, K, 1, G, S] -> heads k * G + g
 
 
 # Every implementation takes (q, k, v, q_positions, kv_positions, kv_lengths, sliding_window, arange): the

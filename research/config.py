@@ -151,8 +151,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a resolved config (keys runs in sweeps and caches)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    """Stable short hash of a resolved config, or of a JSON-able dict (keys runs in sweeps and caches)."""
+    blob = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -28,6 +28,14 @@ def _encode_cached(tokenizer: Tokenizer, docs: list[str], cache: Path) -> np.nda
     return stream
 
 
+def split_text(cfg: DataConfig) -> tuple[str, list[str], list[str]]:
+    """The data's text (cut to `max_bytes`) and its training and validation documents."""
+    text = load_text(cfg.source, cfg.cache_dir)
+    if cfg.max_bytes:
+        text = text.encode("utf-8")[:cfg.max_bytes].decode("utf-8", errors="ignore")
+    return (text, *train_val_split(split_documents(text), cfg.val_fraction, cfg.split_seed))
+
+
 def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokenizer, Dataset, Dataset]:
     """Loads the text, trains (or reuses) the tokenizer on the training split, and packs both splits.
 
@@ -36,10 +44,7 @@ def build_datasets(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Tokeniz
     share one tokenizer; the tokenizer never sees the validation split. With `cfg.task == "retrieval"` the
     datasets are needle-in-haystack episodes whose haystacks come from each split's prose.
     """
-    text = load_text(cfg.source, cfg.cache_dir)
-    if cfg.max_bytes:
-        text = text.encode("utf-8")[:cfg.max_bytes].decode("utf-8", errors="ignore")
-    train_docs, val_docs = train_val_split(split_documents(text), cfg.val_fraction, cfg.split_seed)
+    text, train_docs, val_docs = split_text(cfg)
     train_text = "\n\n".join(train_docs)
     tokenizer = train_tokenizer(cfg.tokenizer, train_text, vocab_size, cfg.cache_dir)
     if cfg.task == "retrieval":

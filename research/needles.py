@@ -140,10 +140,6 @@ class Haystack:
         keep = self.starts[self.starts < num_tokens]
         return Haystack(self.ids[:num_tokens], self.words, np.append(keep, min(num_tokens, len(self.ids))))
 
-    def extend(self, other: Haystack) -> Haystack:
-        return Haystack(np.concatenate([self.ids, other.ids]), self.words | other.words,
-                        np.concatenate([self.starts[:-1], len(self.ids) + other.starts]))
-
     def boundary(self, position: float) -> int:
         """The sentence boundary nearest to token index position * H (the first of two equally near)."""
         return int(self.starts[np.argmin(np.abs(self.starts - position * len(self.ids)))])
@@ -276,7 +272,7 @@ def training_episode(pieces: Pieces, rng: np.random.Generator, length: int,
                      mix: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(ids [length], scored [length] bool): 1..max_facts facts (and maybe distractors) in a haystack, then a
     question about each fact in random order, each followed by its answer, whose ids alone are scored."""
-    qa_tokens = len(pieces.answered("x", "y")[0]) - len(pieces.ids(" x")) - len(pieces.ids(" y")) + 2
+    qa_tokens = min_length(pieces, 0) + 1 + len(pieces.ids("."))  # a question, its one-id answer, a period
     widest = max(fact_tokens(pieces, t) for t in TEMPLATES)
     num_distractors = int(rng.integers(1, 3)) if rng.random() < mix.distractor_rate else 0
     fits = (length - num_distractors * widest) // (widest + qa_tokens)  # facts that fit with their questions

@@ -141,6 +141,7 @@ def test_checkpoint_runs_the_same_evaluations_on_a_given_run(smoke, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "medium"], "error: --preset='medium': expected one of smoke, quick, full"),
     (["--preset", "smoke", "--checkpoint", "/nonexistent/run"], "error: --checkpoint /nonexistent/run: not a directory"),
+    (["--preset", "smoke", "--checkpoint", ".", "--jobs", "0"], "error: --jobs=0: expected a positive number of parallel runs"),
     (["--preset", "smoke", "--checkpoint", ".", "--set", "steps=3"],
      "error: --set changes training runs; with --checkpoint nothing is trained"),
 ])
